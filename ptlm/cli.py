@@ -1,0 +1,58 @@
+"""`ptlm` console entry point.
+
+Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`.
+Only the invoked command's module is imported, so `ptlm prepare` never pays for importing
+torch/transformers/deepspeed (it keeps prepare's resident memory small).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from ptlm import __version__
+from ptlm.errors import PtlmError
+
+# name -> (module, one-line help). Add a command by adding a row.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("ptlm.prepare", "tokenize, pack and shard a corpus into Arrow files"),
+    "inspect": ("ptlm.inspect", "summarize a prepared dataset and decode its first blocks"),
+    "verify": ("ptlm.inspect", "check every shard's sha256 against the manifest"),
+    "demo": ("ptlm.demo", "run the built-in demo on the shipped Portuguese sample"),
+}
+
+
+def _build_parser(command: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ptlm", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"ptlm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            mod = importlib.import_module(module)
+            add = getattr(mod, f"add_{name}_arguments", None) or mod.add_arguments
+            add(p)
+            p.set_defaults(_run=getattr(mod, f"run_{name}", None) or mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = _build_parser(command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 1
+    logging.basicConfig(level=logging.INFO, format="[ptlm %(levelname)s] %(message)s")
+    try:
+        return int(args._run(args) or 0)
+    except PtlmError as e:
+        print(f"ptlm {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
