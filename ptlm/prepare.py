@@ -1,0 +1,367 @@
+"""`ptlm prepare`: corpus -> tokenizer -> EOS-joined token stream -> fixed-length blocks ->
+train/val Arrow shards + manifest, in constant memory.
+
+Two passes over tokens, one over text:
+  1. stream documents in batches, encode them (Rust tokenizer, all cores), append EOS, and append
+     the ids to a flat temporary file; keep only each document's length (8 bytes/document);
+  2. choose validation documents from the lengths (ptlm.packing.choose_val_docs), then, per split,
+     read the documents' ids back from the memory-mapped temporary file in corpus order and cut
+     them into blocks (ptlm.packing.BlockPacker) written to shards (ptlm.shards.ShardWriter).
+Everything is written under DIR's temporary sibling and renamed at the end, so an interrupted run
+never leaves a half-made DIR.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from ptlm import __version__
+from ptlm import packing, shards, sources
+from ptlm import tokenizer as toks
+from ptlm.errors import PtlmError
+
+log = logging.getLogger("ptlm.prepare")
+
+BATCH_CHARS = 1_000_000  # text per encode call: enough to keep every core busy, small in RAM
+BATCH_DOCS = 2_000  # ...and at most this many documents (short-document corpora)
+READ_TOKENS = 8 * 2**20  # pass 2 reads the token stream in slices of this many tokens
+STREAM_FILE = "stream.tmp"
+MAX_INFLIGHT_PER_PROC = 2  # batches queued per worker: bounded memory with --num-proc > 1
+
+
+@dataclass
+class PrepareConfig:
+    sources: list[str]
+    out: Path
+    seq_len: int
+    tokenizer: str | None = None
+    train_tokenizer: int | None = None  # vocab size of a BPE to train on the corpus
+    eos_token: str | None = None
+    model: str | None = None  # check seq_len against this model's positions
+    val_fraction: float = 0.05
+    seed: int = 0
+    num_proc: int = 1
+    overwrite: bool = False
+    shard_bytes: int = shards.DEFAULT_SHARD_BYTES
+    source_options: sources.SourceOptions = field(default_factory=sources.SourceOptions)
+    progress: bool | None = None  # None: tqdm decides (on when stderr is a terminal)
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        if self.seq_len < 2:
+            raise PtlmError(f"--seq-len must be >= 2 (a block predicts its tokens 1..n-1 from "
+                            f"0..n-2), got {self.seq_len}")
+        if (self.tokenizer is None) == (self.train_tokenizer is None):
+            raise PtlmError("give exactly one of --tokenizer NAME_OR_PATH or --train-tokenizer "
+                            "VOCAB_SIZE")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise PtlmError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.num_proc < 1:
+            raise PtlmError(f"--num-proc must be >= 1, got {self.num_proc}")
+        if self.out.exists() and not self.overwrite:
+            raise PtlmError(f"{self.out} already exists; pass --overwrite to replace it, or "
+                            "choose another --out")
+
+
+# ------------------------------------------------------------------------------ pass 1: encode
+
+def _batches(texts: Iterable[str]) -> Iterator[list[str]]:
+    batch, chars = [], 0
+    for t in texts:
+        batch.append(t)
+        chars += len(t)
+        if chars >= BATCH_CHARS or len(batch) >= BATCH_DOCS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def encode_batch(tok, texts: list[str], eos_id: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """-> (flat ids with EOS after each document, (n_docs,) lengths including EOS)."""
+    encodings = tok.encode_batch_fast(texts, add_special_tokens=False)
+    ids = [e.ids for e in encodings]
+    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+    flat = np.empty(int(lengths.sum()), dtype=dtype)
+    ends = np.cumsum(lengths)
+    flat[ends - 1] = eos_id
+    for x, end, n in zip(ids, ends.tolist(), lengths.tolist()):
+        flat[end - n:end - 1] = x
+    return flat, lengths
+
+
+_WORKER_TOK = None
+
+
+def _init_worker(tok_dir: str) -> None:
+    # Workers are processes already: one tokenizer thread each avoids oversubscribing the cores.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    global _WORKER_TOK
+    _WORKER_TOK = toks.load(Path(tok_dir))
+
+
+def _encode_in_worker(args):
+    texts, eos_id, dtype = args
+    return encode_batch(_WORKER_TOK, texts, eos_id, dtype)
+
+
+def _encoded(batches: Iterator[list[str]], tok_dir: Path, eos_id: int, dtype,
+             num_proc: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Encoded batches in corpus order, whatever num_proc is (so outputs are identical)."""
+    if num_proc == 1:
+        tok = toks.load(tok_dir)
+        for texts in batches:
+            yield encode_batch(tok, texts, eos_id, dtype)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(num_proc, initializer=_init_worker, initargs=(str(tok_dir),)) as pool:
+        pending: deque = deque()
+        for texts in batches:
+            pending.append(pool.apply_async(_encode_in_worker, ((texts, eos_id, dtype),)))
+            if len(pending) >= num_proc * MAX_INFLIGHT_PER_PROC:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _progress(enabled: bool | None, desc: str, unit: str):
+    from tqdm import tqdm
+
+    return tqdm(desc=desc, unit=unit, disable=None if enabled is None else not enabled,
+                dynamic_ncols=True, file=sys.stderr)
+
+
+def tokenize_to_stream(docs: Iterable[str], tok_dir: Path, eos_id: int, dtype, path: Path,
+                       num_proc: int, progress: bool | None) -> np.ndarray:
+    """Pass 1. Appends every document's ids (+EOS) to `path`; returns (D,) lengths."""
+    lengths: list[np.ndarray] = []
+    n_tokens, t0 = 0, time.perf_counter()
+    with open(path, "wb") as f, _progress(progress, "tokenize", "doc") as bar:
+        for flat, lens in _encoded(_batches(docs), tok_dir, eos_id, dtype, num_proc):
+            flat.tofile(f)
+            lengths.append(lens)
+            n_tokens += len(flat)
+            bar.update(len(lens))
+            bar.set_postfix_str(f"{n_tokens / max(time.perf_counter() - t0, 1e-9) / 1e6:.2f}M "
+                                f"tok/s, {n_tokens / 1e6:.1f}M tokens", refresh=False)
+    return np.concatenate(lengths) if lengths else np.empty(0, dtype=np.int64)
+
+
+# ------------------------------------------------------------------------------ pass 2: pack
+
+def pack_split(stream: np.ndarray, lengths: np.ndarray, mask: np.ndarray, writer:
+               shards.ShardWriter, seq_len: int) -> dict:
+    """Pack the documents selected by `mask` (in corpus order) into blocks; returns stats."""
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    packer = packing.BlockPacker(seq_len, stream.dtype)
+    blocks = 0
+    for start_doc, end_doc in packing.runs_of(mask):
+        lo, hi = int(offsets[start_doc]), int(offsets[end_doc])
+        for pos in range(lo, hi, READ_TOKENS):
+            out = packer.feed(np.asarray(stream[pos:min(pos + READ_TOKENS, hi)]))
+            if len(out):
+                writer.write(out)
+                blocks += len(out)
+    return {"documents": int(mask.sum()), "tokens": packer.tokens_in, "blocks": blocks,
+            "dropped_tokens": packer.dropped, "shards": writer.close()}
+
+
+# ------------------------------------------------------------------------------ the command
+
+def _model_positions(spec: str) -> int | None:
+    from transformers import AutoConfig  # only when --model is given
+
+    try:
+        cfg = AutoConfig.from_pretrained(spec)
+    except Exception as e:
+        raise PtlmError(f"--model {spec}: cannot read its config ({type(e).__name__}: {e})") \
+            from None
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        if isinstance(getattr(cfg, key, None), int):
+            return getattr(cfg, key)
+    return None
+
+
+def _check_seq_len(cfg: PrepareConfig, info: toks.TokenizerInfo) -> None:
+    if cfg.model:
+        positions = _model_positions(cfg.model)
+        if positions is not None and cfg.seq_len > positions:
+            raise PtlmError(f"--seq-len {cfg.seq_len} is above the {positions} positions of model "
+                            f"{cfg.model}; use --seq-len {positions} or less")
+    elif info.model_max_length and cfg.seq_len > info.model_max_length:
+        raise PtlmError(f"--seq-len {cfg.seq_len} is above the tokenizer's model_max_length "
+                        f"{info.model_max_length} ({info.source}); use a smaller --seq-len, or "
+                        "pass --model to check against the model's positions instead")
+
+
+def _tokenizer_into(cfg: PrepareConfig, srcs, dest: Path) -> toks.TokenizerInfo:
+    if cfg.train_tokenizer is not None:
+        log.info("training a byte-level BPE with %d ids on the corpus", cfg.train_tokenizer)
+        toks.train_bpe(sources.iter_documents(srcs, cfg.source_options), cfg.train_tokenizer,
+                       dest)
+        return toks.describe(dest, f"trained:{cfg.train_tokenizer}")
+    toks.materialize(cfg.tokenizer, dest, cfg.eos_token)
+    return toks.describe(dest, cfg.tokenizer)
+
+
+def prepare(cfg: PrepareConfig) -> dict:
+    """Run the whole job; returns the manifest written to cfg.out."""
+    srcs = sources.resolve_sources(cfg.sources)
+    out = cfg.out.resolve()
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        manifest = _prepare_into(cfg, srcs, tmp)
+        _commit(tmp, out, cfg.overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _prepare_into(cfg: PrepareConfig, srcs, tmp: Path) -> dict:
+    t0 = time.perf_counter()
+    info = _tokenizer_into(cfg, srcs, tmp / shards.TOKENIZER_DIR)
+    _check_seq_len(cfg, info)
+    dtype = shards.token_dtype(info.vocab_size)
+    stats = sources.SourceStats()
+    stream_path = tmp / STREAM_FILE
+    lengths = tokenize_to_stream(sources.iter_documents(srcs, cfg.source_options, stats),
+                                 tmp / shards.TOKENIZER_DIR, info.eos_id, dtype, stream_path,
+                                 cfg.num_proc, cfg.progress)
+    if stats.documents == 0:
+        raise PtlmError(f"the corpus is empty: no non-empty document in {', '.join(cfg.sources)}"
+                        f" ({stats.empty_skipped} empty skipped); check the path and "
+                        f"--text-field {cfg.source_options.text_field!r}")
+    tokenize_s = time.perf_counter() - t0
+    val_mask = packing.choose_val_docs(lengths, cfg.val_fraction, cfg.seq_len, cfg.seed)
+    stream = np.memmap(stream_path, dtype=dtype, mode="r")
+    splits = {}
+    for split, mask in (("train", ~val_mask), ("val", val_mask)):
+        writer = shards.ShardWriter(tmp, split, cfg.seq_len, dtype, cfg.shard_bytes)
+        splits[split] = pack_split(stream, lengths, mask, writer, cfg.seq_len)
+    del stream
+    stream_path.unlink()
+    manifest = {
+        "format": shards.FORMAT_NAME, "format_version": shards.FORMAT_VERSION,
+        "ptlm_version": __version__, "created": datetime.now(timezone.utc).isoformat(),
+        "seq_len": cfg.seq_len, "dtype": dtype.name, "column": shards.COLUMN,
+        "eos_id": info.eos_id,
+        "tokenizer": {"path": shards.TOKENIZER_DIR, **info.to_dict()},
+        "documents": stats.documents, "empty_documents_skipped": stats.empty_skipped,
+        "documents_with_replaced_bytes": stats.replaced,
+        "tokens": int(lengths.sum()),
+        "splits": splits,
+        "sources": sources.source_fingerprint(srcs),
+        "options": {"val_fraction": cfg.val_fraction, "seed": cfg.seed,
+                    **asdict(cfg.source_options)},
+        "timing_s": {"tokenize": round(tokenize_s, 3),
+                     "total": round(time.perf_counter() - t0, 3)},
+    }
+    shards.write_json_atomic(tmp / shards.MANIFEST, manifest)
+    return manifest
+
+
+def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished folder into place; an old DIR is replaced only once the new one is whole."""
+    if out.exists():
+        if not overwrite:
+            raise PtlmError(f"{out} appeared while preparing; pass --overwrite to replace it")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+# ------------------------------------------------------------------------------ CLI
+
+def parse_size(text: str) -> int:
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20,
+             "gib": 2**30}
+    t = text.strip().lower()
+    num = t.rstrip("kmgib")
+    unit = t[len(num):]
+    if unit not in units or not num:
+        raise PtlmError(f"cannot read size {text!r}; write e.g. 256MiB or 1GB")
+    return int(float(num) * units[unit])
+
+
+def add_arguments(p) -> None:
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help=".txt/.jsonl/.json/.parquet files, folders or globs of them, a "
+                        "datasets.save_to_disk folder, or a hub dataset name (when online)")
+    p.add_argument("--out", required=True, type=Path, help="output folder (DIR)")
+    p.add_argument("--seq-len", type=int, required=True, help="tokens per block")
+    tok = p.add_mutually_exclusive_group(required=True)
+    tok.add_argument("--tokenizer", help="hub name or local folder (tokenizer.json, or GPT-2 "
+                                         "vocab.json + merges.txt)")
+    tok.add_argument("--train-tokenizer", type=int, metavar="VOCAB_SIZE",
+                     help="train a byte-level BPE of this many ids on the corpus instead")
+    p.add_argument("--eos-token", help="token appended after every document (default: the "
+                                       "tokenizer's EOS)")
+    p.add_argument("--model", help="check --seq-len against this model's positions")
+    p.add_argument("--text-field", default="text", help="field/column holding the text")
+    p.add_argument("--txt-docs", choices=sources.TXT_DOC_MODES, default="file",
+                   help=".txt files: one document per file, per line, or per blank-line-"
+                        "separated paragraph")
+    p.add_argument("--decode-errors", choices=sources.DECODE_POLICIES, default="strict",
+                   help="undecodable UTF-8: stop with an error (strict) or replace with U+FFFD")
+    p.add_argument("--hf-split", default="train", help="split of a hub/datasets source")
+    p.add_argument("--hf-config", help="config name of a hub dataset")
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="share of tokens held out for validation, by whole documents")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-proc", type=int, default=1,
+                   help="tokenizer processes (1 already uses every core through the Rust "
+                        "tokenizer's threads)")
+    p.add_argument("--shard-size", default="256MiB", help="max bytes per shard file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def config_from_args(args) -> PrepareConfig:
+    return PrepareConfig(
+        sources=args.sources, out=args.out, seq_len=args.seq_len, tokenizer=args.tokenizer,
+        train_tokenizer=args.train_tokenizer, eos_token=args.eos_token, model=args.model,
+        val_fraction=args.val_fraction, seed=args.seed, num_proc=args.num_proc,
+        overwrite=args.overwrite, shard_bytes=parse_size(args.shard_size),
+        source_options=sources.SourceOptions(
+            text_field=args.text_field, txt_docs=args.txt_docs, decode_errors=args.decode_errors,
+            hf_split=args.hf_split, hf_config=args.hf_config),
+        progress=False if args.no_progress else None)
+
+
+def summary(manifest: dict) -> str:
+    lines = [f"seq_len {manifest['seq_len']}, {manifest['dtype']} tokens, tokenizer "
+             f"{manifest['tokenizer']['source']} ({manifest['tokenizer']['vocab_size']} ids, EOS "
+             f"{manifest['eos_id']}), {manifest['documents']} documents, "
+             f"{manifest['tokens']:,} tokens"]
+    for split, s in manifest["splits"].items():
+        size = sum(sh["bytes"] for sh in s["shards"])
+        lines.append(f"  {split:5s}: {s['documents']:>8,} docs {s['tokens']:>13,} tokens "
+                     f"{s['blocks']:>9,} blocks  {s['dropped_tokens']:>6,} tokens dropped (last "
+                     f"partial block)  {len(s['shards'])} shard(s), {size / 2**20:.1f} MiB")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    cfg = config_from_args(args)
+    manifest = prepare(cfg)
+    print(f"wrote {cfg.out}")
+    print(summary(manifest))
+    return 0

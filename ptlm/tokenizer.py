@@ -1,0 +1,160 @@
+"""Get a fast (Rust) tokenizer into the dataset folder, and read it back without transformers.
+
+`ptlm prepare` encodes with the `tokenizers` library directly: importing transformers pulls in
+torch (~300 MB resident) for nothing. Whatever the user names (a folder with tokenizer.json, a
+GPT-2-style vocab.json + merges.txt, a hub name, or a BPE trained here) ends up as a folder that
+both `tokenizers.Tokenizer.from_file` and `transformers.AutoTokenizer.from_pretrained` load, so
+training and generation use exactly the tokenizer the data was made with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+from ptlm.errors import PtlmError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "added_tokens.json")
+DEFAULT_SPECIAL = "<|endoftext|>"  # GPT-2's EOS; also used for tokenizers trained here
+UNSET_MAX_LENGTH = 10**9  # transformers writes ~1e30 when a tokenizer has no length limit
+TRAIN_MIN_FREQUENCY = 2  # a merge must be seen twice: avoids memorizing one-off strings
+
+
+@dataclass
+class TokenizerInfo:
+    source: str  # what the user named, or "trained:<vocab size>"
+    vocab_size: int  # len(tokenizer): every id the tokenizer can emit is below this
+    eos_token: str
+    eos_id: int
+    sha256: str  # of tokenizer.json: the tokenizer's identity
+    model_max_length: int | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _special_content(value) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def _write_config(folder: Path, eos: str, model_max_length: int | None) -> None:
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": eos,
+              "unk_token": eos, "clean_up_tokenization_spaces": False}
+    if model_max_length:
+        config["model_max_length"] = model_max_length
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+def _byte_level_bpe(model) -> "tokenizers.Tokenizer":
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+
+    tok = Tokenizer(model)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
+def _from_vocab_merges(folder: Path, dest: Path, eos_token: str | None) -> None:
+    from tokenizers.models import BPE
+
+    tok = _byte_level_bpe(BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
+    eos = eos_token or DEFAULT_SPECIAL
+    if tok.token_to_id(eos) is None:
+        raise PtlmError(f"{folder}: vocab.json has no EOS token {eos!r}; pass --eos-token TOKEN")
+    tok.save(str(dest / "tokenizer.json"))
+    _write_config(dest, eos, None)
+
+
+def _from_transformers(spec: str, dest: Path) -> None:
+    from transformers import AutoTokenizer  # imports torch: only on this path
+
+    try:
+        tok = AutoTokenizer.from_pretrained(spec)
+    except Exception as e:
+        raise PtlmError(f"cannot load tokenizer {spec!r}: {type(e).__name__}: {e}. Give a local "
+                        "folder with tokenizer.json, or vocab.json + merges.txt") from None
+    if not getattr(tok, "is_fast", False):
+        raise PtlmError(f"tokenizer {spec!r} has no fast (Rust) version; ptlm needs one")
+    tok.save_pretrained(str(dest))
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, dest: Path) -> None:
+    """Train a byte-level BPE (GPT-2 style) on the corpus with `tokenizers`."""
+    from tokenizers import pre_tokenizers, trainers
+    from tokenizers.models import BPE
+
+    if vocab_size < 256 + 1:
+        raise PtlmError(f"--train-tokenizer {vocab_size}: a byte-level BPE needs at least 257 "
+                        "ids (256 bytes + EOS)")
+    tok = _byte_level_bpe(BPE())
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=TRAIN_MIN_FREQUENCY,
+                                  special_tokens=[DEFAULT_SPECIAL], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    dest.mkdir(parents=True, exist_ok=True)
+    tok.save(str(dest / "tokenizer.json"))
+    _write_config(dest, DEFAULT_SPECIAL, None)
+
+
+def materialize(spec: str, dest: Path, eos_token: str | None = None) -> None:
+    """Write the tokenizer named by `spec` into `dest` as a self-contained fast-tokenizer folder."""
+    dest.mkdir(parents=True, exist_ok=True)
+    folder = Path(spec)
+    if (folder / "tokenizer.json").exists():
+        for name in TOKENIZER_FILES:
+            if (folder / name).exists():
+                shutil.copyfile(folder / name, dest / name)
+    elif (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
+        _from_vocab_merges(folder, dest, eos_token)
+    elif folder.exists() and not folder.is_dir():
+        raise PtlmError(f"--tokenizer {spec}: give the folder that holds tokenizer.json, or "
+                        "vocab.json + merges.txt, not a file")
+    else:
+        _from_transformers(spec, dest)
+    if eos_token:  # an explicit choice wins over what the folder says
+        config = _read_json(dest / "tokenizer_config.json")
+        config["eos_token"] = eos_token
+        (dest / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+def load(folder: Path) -> "tokenizers.Tokenizer":
+    from tokenizers import Tokenizer
+
+    path = Path(folder) / "tokenizer.json"
+    if not path.exists():
+        raise PtlmError(f"{folder}: no tokenizer.json")
+    return Tokenizer.from_file(str(path))
+
+
+def describe(folder: Path, source: str) -> TokenizerInfo:
+    """Read identity, vocabulary size and EOS of the tokenizer folder written by materialize()."""
+    folder = Path(folder)
+    tok = load(folder)
+    config = _read_json(folder / "tokenizer_config.json")
+    special = _read_json(folder / "special_tokens_map.json")
+    eos = _special_content(config.get("eos_token")) or _special_content(special.get("eos_token"))
+    if not eos:
+        raise PtlmError(f"tokenizer {source!r} declares no EOS token; pass --eos-token TOKEN "
+                        "(the token appended after every document)")
+    eos_id = tok.token_to_id(eos)
+    if eos_id is None:
+        raise PtlmError(f"tokenizer {source!r}: EOS token {eos!r} is not in its vocabulary; pass "
+                        "--eos-token with a token it has")
+    max_len = config.get("model_max_length")
+    max_len = int(max_len) if isinstance(max_len, (int, float)) and max_len < UNSET_MAX_LENGTH \
+        else None
+    digest = hashlib.sha256((folder / "tokenizer.json").read_bytes()).hexdigest()
+    return TokenizerInfo(source=source, vocab_size=tok.get_vocab_size(with_added_tokens=True),
+                         eos_token=eos, eos_id=eos_id, sha256=digest, model_max_length=max_len)
