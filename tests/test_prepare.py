@@ -1,0 +1,204 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ptlm import prepare as prep
+from ptlm import shards
+from ptlm import tokenizer as toks
+from ptlm.errors import PtlmError
+from ptlm.prepare import PrepareConfig, prepare
+from tests.conftest import DEMO_CORPUS, ROOT
+
+
+def cfg(tmp_path, **kw):
+    base = dict(sources=[str(DEMO_CORPUS)], out=tmp_path / "out", seq_len=64,
+                val_fraction=0.1, progress=False)
+    base.update(kw)
+    return PrepareConfig(**base)
+
+
+def split_ids(root, manifest, split):
+    blocks = shards.open_split(root, manifest, split)
+    return blocks.take(np.arange(blocks.num_blocks)).reshape(-1)
+
+
+def test_round_trip_blocks_are_the_documents_joined_by_eos(demo_dataset, demo_docs):
+    manifest = shards.read_manifest(demo_dataset)
+    tok = toks.load(demo_dataset / "tokenizer")
+    eos = manifest["eos_id"]
+    T = manifest["seq_len"]
+    # reconstruct which documents went where from the decoded streams
+    seen = []
+    for split in ("train", "val"):
+        ids = split_ids(demo_dataset, manifest, split)
+        info = manifest["splits"][split]
+        assert len(ids) == info["blocks"] * T == info["tokens"] - info["dropped_tokens"]
+        assert 0 <= info["dropped_tokens"] < T
+        text = tok.decode(ids.tolist(), skip_special_tokens=False)
+        pieces = text.split(manifest["tokenizer"]["eos_token"])
+        # every complete piece is a whole document, in corpus order; the last one is cut
+        docs_here = pieces[:-1]
+        assert docs_here and all(d in demo_docs for d in docs_here)
+        order = [demo_docs.index(d) for d in docs_here]
+        assert order == sorted(order)
+        # and the ids are exactly the per-document encodings + EOS, concatenated
+        expected = np.concatenate([np.array(tok.encode(d, add_special_tokens=False).ids + [eos])
+                                   for d in docs_here])
+        np.testing.assert_array_equal(ids[:len(expected)], expected)
+        seen.append(set(order))
+    train, val = seen
+    assert not train & val, "a document is in both train and val"
+
+
+def test_split_accounts_for_every_document_and_token(demo_dataset, demo_docs):
+    m = shards.read_manifest(demo_dataset)
+    assert m["documents"] == len(demo_docs)
+    assert sum(s["documents"] for s in m["splits"].values()) == len(demo_docs)
+    assert sum(s["tokens"] for s in m["splits"].values()) == m["tokens"]
+    val_share = m["splits"]["val"]["tokens"] / m["tokens"]
+    assert 0.05 < val_share <= 0.1
+
+
+def test_num_proc_and_reruns_give_identical_shards(tmp_path, demo_tokenizer):
+    a = prepare(cfg(tmp_path, out=tmp_path / "a", tokenizer=str(demo_tokenizer)))
+    b = prepare(cfg(tmp_path, out=tmp_path / "b", tokenizer=str(demo_tokenizer), num_proc=2))
+    c = prepare(cfg(tmp_path, out=tmp_path / "c", tokenizer=str(demo_tokenizer), seed=1))
+    hashes = lambda m: [s["sha256"] for sp in m["splits"].values() for s in sp["shards"]]
+    assert hashes(a) == hashes(b)
+    assert hashes(a) != hashes(c)  # another seed, another split
+
+
+def test_shards_roll_over_and_read_back_in_order(tmp_path, demo_tokenizer):
+    small = prepare(cfg(tmp_path, out=tmp_path / "s", tokenizer=str(demo_tokenizer),
+                        shard_bytes=64 * 2 * 50))  # 50 blocks of 64 uint16 per shard
+    big = prepare(cfg(tmp_path, out=tmp_path / "b", tokenizer=str(demo_tokenizer)))
+    assert len(small["splits"]["train"]["shards"]) > 2
+    assert all(s["rows"] <= 50 for s in small["splits"]["train"]["shards"])
+    np.testing.assert_array_equal(split_ids(tmp_path / "s", small, "train"),
+                                  split_ids(tmp_path / "b", big, "train"))
+
+
+def test_trained_tokenizer_is_saved_and_used(tmp_path):
+    m = prepare(cfg(tmp_path, train_tokenizer=512))
+    assert m["tokenizer"]["vocab_size"] == 512 and m["dtype"] == "uint16"
+    assert m["tokenizer"]["source"] == "trained:512"
+    ids = split_ids(tmp_path / "out", m, "train")
+    assert ids.max() < 512
+
+
+def test_large_vocab_is_stored_as_uint32(tmp_path, shared_gpt2_tokenizer):
+    from tokenizers import AddedToken
+
+    big = tmp_path / "big"
+    toks.materialize(str(shared_gpt2_tokenizer), big)
+    tok = toks.load(big)
+    tok.add_tokens([AddedToken(f"<extra_{i}>") for i in range(16_000)])
+    tok.save(str(big / "tokenizer.json"))
+    doc = tmp_path / "d.txt"
+    doc.write_text("palavra <extra_15999> " * 300)
+    m = prepare(cfg(tmp_path, sources=[str(doc), str(DEMO_CORPUS)], tokenizer=str(big)))
+    assert m["dtype"] == "uint32" and m["tokenizer"]["vocab_size"] == 66_257
+    ids = np.concatenate([split_ids(tmp_path / "out", m, s) for s in ("train", "val")])
+    assert ids.max() == 66_256
+
+
+def test_refuses_existing_dir_and_overwrites_only_when_asked(tmp_path, demo_tokenizer):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(PtlmError, match="already exists; pass --overwrite"):
+        cfg(tmp_path, tokenizer=str(demo_tokenizer))
+    prepare(cfg(tmp_path, tokenizer=str(demo_tokenizer), overwrite=True))
+    assert not (tmp_path / "out" / "keep.txt").exists()
+    assert (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_interrupted_run_leaves_no_dir_and_keeps_the_old_one(tmp_path, demo_tokenizer,
+                                                              monkeypatch):
+    prepare(cfg(tmp_path, tokenizer=str(demo_tokenizer)))
+    before = (tmp_path / "out" / "manifest.json").read_bytes()
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prep, "pack_split", boom)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(cfg(tmp_path, tokenizer=str(demo_tokenizer), overwrite=True))
+    with pytest.raises(KeyboardInterrupt):
+        prepare(cfg(tmp_path, out=tmp_path / "new", tokenizer=str(demo_tokenizer)))
+    assert (tmp_path / "out" / "manifest.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp, no half-made DIR
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(seq_len=1), "--seq-len must be >= 2"),
+    (dict(), "exactly one of --tokenizer"),
+    (dict(tokenizer="x", train_tokenizer=300), "exactly one of --tokenizer"),
+    (dict(tokenizer="x", val_fraction=1.0), "val-fraction"),
+    (dict(tokenizer="x", num_proc=0), "num-proc"),
+])
+def test_config_errors(tmp_path, kw, match):
+    with pytest.raises(PtlmError, match=match):
+        cfg(tmp_path, **kw)
+
+
+def test_empty_corpus(tmp_path, demo_tokenizer):
+    (tmp_path / "e.jsonl").write_text('{"text": ""}\n')
+    with pytest.raises(PtlmError, match="corpus is empty"):
+        prepare(cfg(tmp_path, sources=[str(tmp_path / "e.jsonl")], tokenizer=str(demo_tokenizer)))
+    assert not (tmp_path / "out").exists()
+
+
+def test_seq_len_above_tokenizer_or_model_positions(tmp_path, shared_gpt2_tokenizer):
+    with pytest.raises(PtlmError, match="above the tokenizer's model_max_length 1024"):
+        prepare(cfg(tmp_path, tokenizer=str(shared_gpt2_tokenizer), seq_len=2048))
+    from transformers import OPTConfig
+
+    model = tmp_path / "model"
+    OPTConfig(max_position_embeddings=32, hidden_size=16, num_hidden_layers=1,
+              ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16).save_pretrained(model)
+    with pytest.raises(PtlmError, match="above the 32 positions of model"):
+        prepare(cfg(tmp_path, tokenizer=str(shared_gpt2_tokenizer), model=str(model)))
+
+
+def test_corpus_too_small_for_a_val_block(tmp_path, demo_tokenizer):
+    (tmp_path / "s.jsonl").write_text('{"text": "um"}\n{"text": "dois"}\n')
+    with pytest.raises(PtlmError, match="cannot hold out a validation split"):
+        prepare(cfg(tmp_path, sources=[str(tmp_path / "s.jsonl")], tokenizer=str(demo_tokenizer)))
+
+
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "ptlm.cli", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_cli_prepare_inspect_verify(tmp_path, demo_tokenizer):
+    out = tmp_path / "d"
+    r = run_cli("prepare", DEMO_CORPUS, "--tokenizer", demo_tokenizer, "--seq-len", 32,
+                "--out", out, "--val-fraction", 0.1)
+    assert r.returncode == 0, r.stderr
+    assert "train:" in r.stdout and "tokens dropped" in r.stdout
+    r = run_cli("inspect", out, "--json")
+    data = json.loads(r.stdout)
+    assert data["manifest"]["seq_len"] == 32 and len(data["first_blocks"]["val"]["ids"]) == 32
+    r = run_cli("verify", out)
+    assert r.returncode == 0 and "OK" in r.stdout
+    r = run_cli("prepare", DEMO_CORPUS, "--tokenizer", demo_tokenizer, "--seq-len", 32,
+                "--out", out)
+    assert r.returncode == 2 and "already exists" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("prepare", tmp_path / "missing.jsonl", "--tokenizer", demo_tokenizer,
+                "--seq-len", 32, "--out", tmp_path / "x")
+    assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_prepare_does_not_import_torch(tmp_path, demo_tokenizer):
+    code = ("import sys; from ptlm.cli import main; "
+            f"main(['prepare', r'{DEMO_CORPUS}', '--tokenizer', r'{demo_tokenizer}', "
+            f"'--seq-len', '32', '--out', r'{tmp_path / 'o'}', '--no-progress']); "
+            "print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "False"
