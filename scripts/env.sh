@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create/refresh the project's virtual environment (.venv) and activate it.
+# Sourced by scripts/demo.sh and scripts/test.sh; safe to run again (fast when up to date).
+# Versions come from constraints.txt, the one place where the environment is pinned.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${PTLM_VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[ptlm] creating virtual environment in $VENV" >&2
+  "$PYTHON" -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+STAMP="$VENV/.ptlm-installed"
+WANT="$(cat "$ROOT/constraints.txt" "$ROOT/setup.cfg" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
+  echo "[ptlm] installing ptlm and its dependencies (constraints.txt)" >&2
+  python -m pip install -q --upgrade pip
+  # torch first: deepspeed's setup imports it.
+  python -m pip install -q -c "$ROOT/constraints.txt" torch
+  python -m pip install -q -c "$ROOT/constraints.txt" -e "$ROOT[dev,plots]"
+  echo "$WANT" > "$STAMP"
+fi
