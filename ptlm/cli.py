@@ -20,7 +20,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("ptlm.prepare", "tokenize, pack and shard a corpus into Arrow files"),
     "inspect": ("ptlm.inspect", "summarize a prepared dataset and decode its first blocks"),
     "verify": ("ptlm.inspect", "check every shard's sha256 against the manifest"),
+    "train": ("ptlm.trainer", "train with DeepSpeed (same as `deepspeed launch/train.py`)"),
+    "eval": ("ptlm.evaluate", "validation loss and perplexity of a model on prepared data or text"),
     "demo": ("ptlm.demo", "run the built-in demo on the shipped Portuguese sample"),
+    "plan": ("ptlm.plan_cli", "choose precision/ZeRO/offload/checkpointing/micro-batch that fit"),
 }
 
 

@@ -22,11 +22,14 @@ from ptlm.errors import PtlmError
 class PackedDataset(torch.utils.data.Dataset):
     """Blocks of one split; item i is a (seq_len,) int64 tensor of token ids."""
 
-    def __init__(self, root: str | Path, split: str = "train") -> None:
+    def __init__(self, root: str | Path, split: str = "train",
+                 max_blocks: int | None = None) -> None:
         self.root = Path(root)
         self.split = split
         self.manifest = shards.read_manifest(self.root)
         self.blocks = shards.open_split(self.root, self.manifest, split)
+        if max_blocks is not None:  # the first max_blocks blocks only (e.g. --overfit-docs)
+            self.blocks.num_blocks = min(self.blocks.num_blocks, max_blocks)
         self.seq_len = self.manifest["seq_len"]
         self.vocab_size = self.manifest["tokenizer"]["vocab_size"]
         self.tokenizer_path = self.root / self.manifest["tokenizer"]["path"]
@@ -38,6 +41,10 @@ class PackedDataset(torch.utils.data.Dataset):
         if not -len(self) <= i < len(self):
             raise IndexError(f"block {i} out of range for {len(self)} blocks")
         return torch.from_numpy(self.blocks.take([i % len(self)])[0].astype(np.int64))
+
+    def document_lengths(self) -> np.ndarray:
+        """Tokens (EOS included) of each document of the split, in stream order."""
+        return shards.document_lengths(self.root, self.manifest, self.split)
 
     def batch(self, indices) -> torch.Tensor:
         """(len(indices), seq_len) int64 tensor: one gather, no per-item tensors."""
@@ -122,6 +129,10 @@ class PackedLoader:
             batch = self.dataset.batch(order[pos % n])  # % n: padded tail wraps to the start
             self.consumed += step
             yield batch
+        self.finish_epoch()
+
+    def finish_epoch(self) -> None:
+        """Move to the next epoch (a caller that stops iterating at the epoch's last batch)."""
         self.epoch += 1
         self.consumed = 0
 

@@ -38,6 +38,7 @@ BATCH_CHARS = 1_000_000  # text per encode call: enough to keep every core busy,
 BATCH_DOCS = 2_000  # ...and at most this many documents (short-document corpora)
 READ_TOKENS = 8 * 2**20  # pass 2 reads the token stream in slices of this many tokens
 STREAM_FILE = "stream.tmp"
+DOC_LENGTHS_FILE = "documents.npy"
 MAX_INFLIGHT_PER_PROC = 2  # batches queued per worker: bounded memory with --num-proc > 1
 
 
@@ -203,8 +204,11 @@ def pack_split(stream_path: Path, dtype, lengths: np.ndarray, mask: np.ndarray,
                 if len(out):
                     writer.write(out)
                     blocks += len(out)
+    doc_file = f"{writer.split}/{DOC_LENGTHS_FILE}"
+    np.save(writer.root / doc_file, lengths[mask].astype(np.int64), allow_pickle=False)
     return {"documents": int(mask.sum()), "tokens": packer.tokens_in, "blocks": blocks,
-            "dropped_tokens": packer.dropped, "shards": writer.close()}
+            "dropped_tokens": packer.dropped, "shards": writer.close(),
+            "document_lengths": doc_file}
 
 
 # ------------------------------------------------------------------------------ the command

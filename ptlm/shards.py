@@ -4,6 +4,7 @@
     DIR/tokenizer/            the exact tokenizer used (tokenizer.json, tokenizer_config.json)
     DIR/train/shard-00000.arrow
     DIR/val/shard-00000.arrow
+    DIR/train/documents.npy     tokens per document of the split (int64), in stream order
 
 Each shard is an uncompressed Arrow IPC *file* (memory-mappable, zero-copy) with one column
 `input_ids: fixed_size_list<uint16|uint32>[seq_len]`, one row per block, written as several
@@ -207,6 +208,15 @@ def open_split(root: Path, manifest: dict, split: str) -> SplitBlocks:
                         f"manifest says {manifest['splits'][split]['blocks']}")
     return SplitBlocks(chunks=chunks, starts=np.asarray(starts, dtype=np.int64),
                        num_blocks=total, seq_len=seq_len)
+
+
+def document_lengths(root: Path, manifest: dict, split: str) -> np.ndarray:
+    """(documents,) tokens per document of a split, EOS included, in the split's stream order."""
+    rel = manifest["splits"][split].get("document_lengths")
+    if rel is None or not (Path(root) / rel).exists():
+        raise PtlmError(f"{root}: no per-document lengths for split {split!r}; prepare the data "
+                        "again with this ptlm")
+    return np.load(Path(root) / rel, allow_pickle=False)
 
 
 def verify(root: Path) -> list[str]:

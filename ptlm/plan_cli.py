@@ -1,0 +1,190 @@
+"""`ptlm plan`: which setting to train MODEL with on these GPUs, and why.
+
+    ptlm plan --model opt-125m --seq-len 1024 --global-batch 16 --gpu T4
+    ptlm plan --model ./my-model --seq-len 2048 --gpus 8 --gpu-memory 40GiB --zero 3 --json
+
+The Setting flags (`add_setting_arguments` / `setting_overrides`) are shared with `ptlm probe`
+and launch/train.py: a flag that is given is forced, the planner chooses the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ptlm.errors import PtlmError
+from ptlm.facts import (KNOWN_CONFIGS, KNOWN_GPUS, UNKNOWN_GPU, GiB, HardwareFacts,
+                        from_pretrained_config, lookup_gpu, parse_size)
+from ptlm.memory import Job
+from ptlm.plan import Plan, plan
+from ptlm.setting import OFFLOADS, OPTIMIZERS, PRECISIONS, ZERO_STAGES
+
+ON_OFF = {"on": True, "off": False}
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared Setting flags
+# ----------------------------------------------------------------------------------------------
+
+def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
+    """The Setting knobs as flags; each one given is forced, the others are chosen."""
+    g = parser.add_argument_group("setting (force any of these; the rest is chosen)")
+    g.add_argument("--precision", choices=PRECISIONS)
+    g.add_argument("--zero", type=int, choices=ZERO_STAGES, help="ZeRO stage")
+    g.add_argument("--offload", choices=OFFLOADS,
+                   help="CPU offload: optimizer (ZeRO 1-3) or parameters (ZeRO-3, implies optimizer)")
+    g.add_argument("--checkpointing", choices=ON_OFF, help="gradient checkpointing of the layers")
+    g.add_argument("--optimizer", choices=OPTIMIZERS)
+    g.add_argument("--chunked-loss", choices=ON_OFF,
+                   help="chunked LM-head + loss (never materializes the full logits)")
+    g.add_argument("--micro-batch", type=int, metavar="N", help="sequences per GPU per micro-step")
+
+
+def setting_overrides(args: argparse.Namespace) -> dict:
+    """The Setting fields the user forced, as Setting's own types."""
+    forced = {}
+    for name in ("precision", "zero", "offload", "optimizer", "micro_batch"):
+        if getattr(args, name, None) is not None:
+            forced[name] = getattr(args, name)
+    for name in ("checkpointing", "chunked_loss"):
+        if getattr(args, name, None) is not None:
+            forced[name] = ON_OFF[getattr(args, name)]
+    return forced
+
+
+def add_hardware_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("hardware (default: this machine's GPUs)")
+    g.add_argument("--gpu", metavar="NAME",
+                   help=f"a known GPU: {', '.join(KNOWN_GPUS)} (device names like 'Tesla T4' work)")
+    g.add_argument("--gpus", type=int, metavar="G", help="GPUs per node")
+    g.add_argument("--gpu-memory", metavar="SIZE", help="memory per GPU, e.g. 16GiB or 40GB")
+    g.add_argument("--no-bf16", action="store_true", help="the GPU has no bf16 (e.g. T4, V100)")
+    g.add_argument("--nodes", type=int, default=1, metavar="K")
+    g.add_argument("--host-memory", metavar="SIZE",
+                   help="host RAM per node (default: this machine's), e.g. 64GiB")
+
+
+def hardware_from_args(args: argparse.Namespace) -> HardwareFacts:
+    """--gpu / --gpus / --gpu-memory, else this machine's GPUs (ptlm.hardware.detect)."""
+    from ptlm import hardware  # the only module that touches torch.cuda / psutil
+
+    host = parse_size(args.host_memory) if args.host_memory else hardware.host_memory_bytes()
+    if args.gpu:
+        spec = lookup_gpu(args.gpu)
+        if spec is None:
+            raise PtlmError(f"unknown GPU {args.gpu!r}: use one of {', '.join(KNOWN_GPUS)}, or "
+                            "--gpus N --gpu-memory SIZE")
+        hw = HardwareFacts.from_spec(spec, args.gpus or 1, args.nodes, host)
+    elif args.gpu_memory:
+        hw = HardwareFacts.from_spec(UNKNOWN_GPU, args.gpus or 1, args.nodes, host)
+        hw = _replace(hw, gpu_name="custom GPU")
+    else:
+        hw = _replace(hardware.detect(), nodes=args.nodes, host_memory_bytes=host)
+        if hw.gpus_per_node == 0:
+            raise PtlmError("no CUDA GPU detected here: say which GPUs to plan for, e.g. --gpu T4, "
+                            "--gpu A100-80GB --gpus 8, or --gpus 1 --gpu-memory 16GiB")
+        if args.gpus:
+            hw = _replace(hw, gpus_per_node=args.gpus)
+    if args.gpu_memory:
+        hw = _replace(hw, gpu_memory_bytes=parse_size(args.gpu_memory))
+    if args.no_bf16:
+        hw = _replace(hw, bf16=False)
+    return hw
+
+
+def _replace(hw: HardwareFacts, **changes) -> HardwareFacts:
+    return HardwareFacts(**{**hw.to_dict(), **changes})
+
+
+# ----------------------------------------------------------------------------------------------
+# Command
+# ----------------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help=f"folder / config.json, Hub name, or one of {', '.join(KNOWN_CONFIGS)}")
+    parser.add_argument("--seq-len", type=int, required=True, metavar="N")
+    parser.add_argument("--global-batch", type=int, metavar="B",
+                        help="sequences per optimizer step over all GPUs (default: largest that fits)")
+    add_hardware_arguments(parser)
+    add_setting_arguments(parser)
+    out = parser.add_argument_group("output")
+    out.add_argument("--json", action="store_true", help="print the plan as JSON")
+    out.add_argument("--write-ds-config", metavar="FILE", type=Path,
+                     help="write a complete DeepSpeed config for the plan")
+    out.add_argument("--lr", type=float, default=5e-5, help="learning rate in the written config")
+    out.add_argument("--weight-decay", type=float, default=0.0)
+
+
+def run(args: argparse.Namespace) -> int:
+    model = from_pretrained_config(args.model)
+    hw = hardware_from_args(args)
+    job = Job(seq_len=args.seq_len, global_batch=args.global_batch)
+    result = plan(model, hw, job, setting_overrides(args))
+    if args.write_ds_config:
+        _write_ds_config(result, args)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result))
+    return 0
+
+
+def _write_ds_config(result: Plan, args: argparse.Namespace) -> None:
+    from ptlm.dsconfig import OptimizerHyper, build_ds_config
+
+    config = build_ds_config(result, OptimizerHyper(lr=args.lr, weight_decay=args.weight_decay))
+    args.write_ds_config.parent.mkdir(parents=True, exist_ok=True)
+    args.write_ds_config.write_text(json.dumps(config, indent=2) + "\n")
+    result.notes.append(f"DeepSpeed config written to {args.write_ds_config}")
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:7.2f}"
+
+
+def format_plan(p: Plan) -> str:
+    c, m, s = p.chosen, p.memory, p.setting
+    tokens = c.global_batch * p.job.seq_len
+    lines = [
+        f"{p.model.describe()}",
+        f"on {p.hardware.describe()}, seq {p.job.seq_len}, global batch "
+        f"{p.job.global_batch if p.job.global_batch else 'not set'}",
+        "",
+        f"Chosen: {s.describe()}",
+        f"  {s.micro_batch} micro-batch × {c.grad_accum} accumulation × {p.hardware.world} GPU(s)"
+        f" = global batch {c.global_batch} ({tokens:,} tokens/step)",
+        f"  predicted {c.tokens_per_s:,.0f} tokens/s, {c.step_seconds:.2f} s/step, MFU {c.mfu:.0%}",
+        "  memory per GPU (GiB):",
+    ]
+    lines += _breakdown_lines(p)
+    host = f"{m.host_total / GiB:.1f} GiB (model states {m.host_model_states / GiB:.1f}, " \
+           f"processes {m.host_overhead / GiB:.1f})"
+    have = p.hardware.host_memory_bytes
+    lines.append(f"  host RAM per node: {host}"
+                 + (f" of {have / GiB:.0f} GiB" if have else " (host RAM unknown: not checked)"))
+    lines += ["", f"Why: {p.why}"]
+    lines += [f"Note: {n}" for n in p.notes]
+    if p.alternatives:
+        lines += ["", "Also fits:"]
+        lines += [f"  {a.tokens_per_s:>12,.0f} tokens/s  {a.memory.gpu_total / GiB:6.1f} GiB  "
+                  f"{a.setting.describe()} × {a.grad_accum} accumulation" for a in p.alternatives]
+    if p.rejected:
+        lines += ["", f"Rejected ({len(p.rejected)}):"]
+        lines += [f"  {r.reason}" for r in p.rejected]
+    return "\n".join(lines)
+
+
+def _breakdown_lines(p: Plan) -> list[str]:
+    m = p.memory
+    rows = [("parameters", m.parameters), ("gradients", m.gradients),
+            ("optimizer states", m.optimizer_states), ("DeepSpeed buffers", m.ds_buffers),
+            ("activations", m.activations), ("loss / logits", m.loss),
+            ("checkpoint recompute", m.recompute),
+            ("fp32 grads (step)", m.fp32_grads), ("flatten copies (step)", m.flatten_copies)]
+    lines = [f"    {name:<24}{_gib(value)}" for name, value in rows]
+    lines += [
+        f"    {'= peak tensors':<24}{_gib(m.peak_tensor_bytes)}  (at the {m.peak_phase})",
+        f"    {'+ allocator headroom':<24}{_gib(m.allocator_headroom)}",
+        f"    {'+ CUDA context (+NCCL)':<24}{_gib(m.cuda_context)}",
+        f"    {'= total':<24}{_gib(m.gpu_total)}  of {p.hardware.gpu_memory_bytes / GiB:.2f} GiB",
+    ]
+    return lines

@@ -1,0 +1,143 @@
+"""Everything the run decides before its first step: the model, the checks of data against model,
+the hardware facts, the plan and the DeepSpeed config. Each piece is a small function so the
+checks run (and fail clearly) before any training starts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import replace
+
+import torch
+
+from ptlm import dsconfig
+from ptlm.data import PackedDataset
+from ptlm.errors import PtlmError
+from ptlm.facts import KNOWN_CONFIGS, HardwareFacts, ModelFacts, known_config
+from ptlm.memory import Job
+from ptlm.plan import Plan, plan
+from ptlm.runconfig import RunConfig
+
+log = logging.getLogger("ptlm.setup")
+
+VOCAB_ROWS_MULTIPLE = 8  # a fresh model's embedding rows are padded to this (tensor-core tiles)
+DEFAULT_GLOBAL_BATCH = 16  # sequences per optimizer step when neither flag nor plan says
+
+
+def model_config(cfg: RunConfig):
+    from transformers import AutoConfig
+
+    if cfg.model.lower() in KNOWN_CONFIGS:
+        return known_config(cfg.model)
+    try:
+        return AutoConfig.from_pretrained(cfg.model, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise PtlmError(f"--model {cfg.model}: cannot read its config ({e}); give a local HF "
+                        f"folder, a hub name (online), or one of {', '.join(KNOWN_CONFIGS)}") \
+            from None
+
+
+def build_model(cfg: RunConfig, data: PackedDataset, precision: str):
+    """The HF model, checked against the data: positions >= seq_len, embeddings >= vocab."""
+    from ptlm.model import check_vocab, load_model, model_max_positions
+
+    config = model_config(cfg)
+    positions = model_max_positions(config)
+    if positions is not None and data.seq_len > positions:
+        raise PtlmError(f"the data's seq_len {data.seq_len} is above the {positions} positions of "
+                        f"{cfg.model}; prepare the data again with --seq-len {positions} or less")
+    if cfg.from_scratch:
+        rows = -(-data.vocab_size // VOCAB_ROWS_MULTIPLE) * VOCAB_ROWS_MULTIPLE
+        config.vocab_size = rows
+        _set_special_ids(config, data)
+        model = load_model(config, precision=precision)
+    else:
+        if cfg.model.lower() in KNOWN_CONFIGS:
+            raise PtlmError(f"--model {cfg.model} is a built-in config alias without weights: add "
+                            "--from-scratch, or give a hub name / folder with weights")
+        model = load_model(cfg.model, precision=precision)
+    check_vocab(model, data.vocab_size)
+    return model
+
+
+def _set_special_ids(config, data: PackedDataset) -> None:
+    eos = data.manifest["eos_id"]
+    for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        if hasattr(config, key):
+            setattr(config, key, eos)
+
+
+def check_tokenizer(cfg: RunConfig, data: PackedDataset) -> None:
+    """--tokenizer must be the one the data was made with (same tokenizer.json bytes)."""
+    if not cfg.tokenizer:
+        return
+    import hashlib
+    from pathlib import Path
+
+    path = Path(cfg.tokenizer) / "tokenizer.json"
+    if not path.exists():
+        raise PtlmError(f"--tokenizer {cfg.tokenizer}: no tokenizer.json there")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != data.manifest["tokenizer"]["sha256"]:
+        raise PtlmError(f"--tokenizer {cfg.tokenizer} is not the tokenizer {cfg.data} was "
+                        f"prepared with ({data.manifest['tokenizer']['source']}); use "
+                        f"{cfg.data / 'tokenizer'} or prepare the data again")
+
+
+def hardware(world_size: int) -> HardwareFacts:
+    """This machine's facts, as the planner wants them. Without a GPU the host is the device:
+    its memory split across the local ranks, no bf16 (ptlm trains fp32 on CPU)."""
+    from ptlm.hardware import detect
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    nodes = max(1, world_size // max(local, 1))
+    hw = detect()
+    if hw.gpus_per_node > 0:
+        return replace(hw, gpus_per_node=local, nodes=nodes)
+    host = hw.host_memory_bytes or 0
+    return HardwareFacts(gpu_name="cpu", gpu_memory_bytes=max(host // max(local, 1), 1),
+                         gpus_per_node=local, nodes=nodes, host_memory_bytes=host, bf16=False)
+
+
+def resolve_plan(cfg: RunConfig, model, seq_len: int, world_size: int, on_gpu: bool) -> Plan:
+    if cfg.plan != "auto":
+        p = Plan.from_dict(json.loads(open(cfg.plan).read()))
+        if p.hardware.world != world_size:
+            raise PtlmError(f"--plan {cfg.plan} was made for {p.hardware.world} GPU(s), this run "
+                            f"has {world_size} rank(s); plan again or launch as many ranks")
+        if p.job.seq_len != seq_len:
+            raise PtlmError(f"--plan {cfg.plan} is for seq_len {p.job.seq_len}, the data has "
+                            f"{seq_len}")
+        return p
+    forced = dict(cfg.forced)
+    if not on_gpu:  # CPU ranks: fp32 and nothing to offload to
+        forced.setdefault("precision", "fp32")
+        forced.setdefault("offload", "none")
+        forced.setdefault("zero", 0)
+    job = Job(seq_len=seq_len, global_batch=cfg.global_batch or DEFAULT_GLOBAL_BATCH)
+    facts = ModelFacts.from_config(model.config, name=cfg.model)
+    return plan(facts, hardware(world_size), job, forced)
+
+
+def deepspeed_config(cfg: RunConfig, p: Plan) -> tuple[dict, dict]:
+    """(complete DeepSpeed config, optimizer hyper-parameters). ptlm builds the optimizer itself
+    (torch AdamW, bitsandbytes AdamW8bit or DeepSpeed CPU Adam) and hands it to DeepSpeed, so the
+    config's "optimizer" block only carries the hyper-parameters (a template may set them)."""
+    hyper = dsconfig.OptimizerHyper(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                    weight_decay=cfg.weight_decay, gradient_clipping=cfg.grad_clip)
+    if cfg.ds_config:
+        ds = dsconfig.fill_template(dsconfig.load_template(cfg.ds_config), p, hyper)
+    else:
+        ds = dsconfig.build_ds_config(p, hyper)
+    params = ds.pop("optimizer", {}).get("params", {})
+    ds.pop("scheduler", None)  # ptlm's schedule (transformers) is the one that runs
+    ds["zero_allow_untested_optimizer"] = True
+    opt = dict(lr=params.get("lr", cfg.lr), betas=tuple(params.get("betas", cfg.betas)),
+               eps=params.get("eps", cfg.eps),
+               weight_decay=params.get("weight_decay", cfg.weight_decay))
+    return ds, opt
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available()
