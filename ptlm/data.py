@@ -102,6 +102,7 @@ class PackedLoader:
         self.dataset, self.micro_batch = dataset, micro_batch
         self.world_size, self.rank, self.global_batch = world_size, rank, global_batch
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self._order: tuple[int, np.ndarray] | None = None
         self.epoch = 0
         self.consumed = 0  # global blocks of this epoch already yielded, all ranks together
 
@@ -121,7 +122,9 @@ class PackedLoader:
     def __iter__(self):
         """Yields the rest of the current epoch, then moves to the next epoch."""
         n = len(self.dataset)
-        order = epoch_order(n, self.seed, self.epoch, self.shuffle)
+        if self._order is None or self._order[0] != self.epoch:  # once per epoch, not per iter()
+            self._order = (self.epoch, epoch_order(n, self.seed, self.epoch, self.shuffle))
+        order = self._order[1]
         total = self.blocks_per_epoch
         step = self.micro_batch * self.world_size
         while self.consumed < total:
@@ -130,6 +133,13 @@ class PackedLoader:
             self.consumed += step
             yield batch
         self.finish_epoch()
+
+    def set_micro_batch(self, micro_batch: int) -> None:
+        """Change the micro-batch (OOM back-off); the global batch and order stay."""
+        if self.global_batch % (micro_batch * self.world_size):
+            raise PtlmError(f"micro-batch {micro_batch} x {self.world_size} ranks does not "
+                            f"divide the global batch {self.global_batch}")
+        self.micro_batch = micro_batch
 
     def finish_epoch(self) -> None:
         """Move to the next epoch (a caller that stops iterating at the epoch's last batch)."""

@@ -29,6 +29,7 @@ LOGITS_CHUNK_BYTES = 128 * 2**20  # fp32 logits per chunk; the chunk's peak is ~
 # which the chunked loss does not reproduce.
 LOGIT_TRANSFORM_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
                           "output_multiplier_scale", "lm_head_multiplier")
+SCALE_ROWS = 4096  # rows per fp32 temporary when scaling 16-bit gradients in backward
 CHECK_TOKENS = 16  # tokens in the startup self-check of the chunked loss
 CHECK_TOLERANCE = 1e-3  # relative; the check runs in the model's (maybe 16-bit) dtype
 
@@ -92,10 +93,17 @@ class _GradBuffers:
 
 
 def _scale(t: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
-    if t.dtype == torch.float16:
-        # grad_loss carries fp16's loss scale (2**16 / tokens may not fit in fp16): multiply in fp32.
-        return t.float() * grad_loss
-    return t.mul_(grad_loss)  # in place: the buffers are used once (see ChunkedLMHeadLoss.backward)
+    """t *= grad_loss in place (the buffers are used once, see ChunkedLMHeadLoss.backward).
+
+    16-bit tensors are scaled in fp32, a slice at a time: a 16-bit in-place multiply would first
+    round grad_loss (1/tokens, times fp16's loss scale, which may not even fit in fp16) and bias
+    every gradient by the same factor; this way each element is rounded once, as in the HF path.
+    """
+    if t.dtype == torch.float32:
+        return t.mul_(grad_loss)
+    for part in t.split(SCALE_ROWS):
+        part.copy_(part.float() * grad_loss)
+    return t
 
 
 def _chunk(h, weight, bias, labels, ignore_index: int, grads: _GradBuffers | None, start: int):
@@ -172,6 +180,9 @@ def _call_as_forward(module: nn.Module, forward, *args):
 
 def check_chunkable(model) -> nn.Linear:
     """The model's LM head if the chunked loss reproduces its logits, else a PtlmError."""
+    if model.base_model is model:
+        raise PtlmError(f"{type(model).__name__} has no separate base model to take hidden states "
+                        "from: the chunked loss cannot run; train with chunked_loss off")
     head = model.get_output_embeddings()
     if not isinstance(head, nn.Linear):
         raise PtlmError(f"{type(model).__name__}'s LM head is {type(head).__name__}, not a plain "
@@ -202,7 +213,8 @@ def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor | None =
     if chunked:
         head = check_chunkable(model)
         out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        loss_sum, n_tokens = lm_head_loss(out.last_hidden_state, head, labels, chunk_size)
+        hidden = out[0]  # (B, T, H) last hidden state, final norm applied; tuple or ModelOutput
+        loss_sum, n_tokens = lm_head_loss(hidden, head, labels, chunk_size)
         mean = loss_sum / n_tokens.clamp(min=1)
     else:
         n_tokens = (labels[:, 1:] != IGNORE_INDEX).sum()

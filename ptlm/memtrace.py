@@ -10,6 +10,7 @@ fake=False the same code runs for real (small configs), to cross-check the fake 
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 
 import torch
@@ -29,6 +30,9 @@ BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps smaller tensors' states in fp32
 BNB_BLOCK_SIZE = 256  # bitsandbytes blockwise quantization: one fp32 absmax per block
 BNB_QMAP_SIZE = 256  # the 8-bit dynamic quantization map, fp32
 PHASES = ("forward", "backward", "optimizer")
+# Attention-dropout fields of HF configs (GPT-2, OPT/Llama/most, BERT-likes, GPT-J/Neo).
+ATTENTION_DROPOUT_FIELDS = ("attn_pdrop", "attention_dropout", "attention_probs_dropout_prob",
+                            "attn_dropout")
 # MemTracker's reference types -> the keys of measure_step's result.
 CATEGORIES = {"Parameter": "parameters", "Buffer": "buffers", "Gradient": "gradients",
               "Optstate": "optimizer_states", "Activation": "activations", "Temp": "temporaries",
@@ -41,12 +45,21 @@ def measure_step(config, setting: Setting, seq_len: int, steps: int = 2, fake: b
 
     Runs `steps` full steps (forward + backward + optimizer step + zero_grad) at batch
     setting.micro_batch x seq_len on one CPU device, fake (FakeTensorMode, default) or real, and
-    reports the last one: the first step has no optimizer states yet.
+    reports the last one: the first step has no optimizer states yet. The step is ptlm's loop:
+    `causal_lm_loss` (chunked or HF per setting.chunked_loss) returns only the loss, so the logits
+    are freed before backward, as in HF Trainer (a loop that keeps `model(...)`'s output alive
+    through backward holds one more fp32 logits tensor: 21.65 instead of 18.59 GiB for plain
+    OPT-125M at 16 x 1024).
 
+    attn: the attention implementation measured ("sdpa", "eager"). With SDPA the config's
+      attention dropout is zeroed for the measurement (see _without_attention_dropout), so the
+      figure is what CUDA's fused SDPA kernels allocate, not CPU's math fallback.
     engine: "torch" = the plain HF recipe (model in fp32 or 16-bit, the optimizer steps it);
       "deepspeed" = what DeepSpeed's engine holds at ZeRO-0 on one GPU with our client optimizer;
-      "auto" = "torch" for PLAIN_HF at any micro-batch, else "deepspeed". The DeepSpeed emulation (read from
-      deepspeed/runtime/engine.py and runtime/fp16/unfused_optimizer.py, v0.19.8):
+      "auto" = "torch" for PLAIN_HF at any micro-batch, else "deepspeed". The DeepSpeed emulation
+      (read from deepspeed/runtime/engine.py and runtime/fp16/unfused_optimizer.py, v0.19.8; its
+      steady-state peak equals a real DeepSpeed engine's on CPU under MemTracker to a few bytes,
+      see tests/test_memtrace.py):
       - bf16/fp16 with a client optimizer at ZeRO-0 is FP16_UnfusedOptimizer (bf16 included, since
         the default grad_accum_dtype equals the model dtype): the model holds 16-bit params and
         grads; the optimizer holds one fp32 master copy per param plus the inner optimizer's states
@@ -88,6 +101,8 @@ def measure_step(config, setting: Setting, seq_len: int, steps: int = 2, fake: b
     if engine not in ("torch", "deepspeed"):
         raise PtlmError(f"engine must be 'auto', 'torch' or 'deepspeed', got {engine!r}")
     start = time.perf_counter()
+    if attn == "sdpa":
+        config = _without_attention_dropout(config)
     with FakeTensorMode() if fake else contextlib.nullcontext():
         model = load_model(config, setting.precision, attn=attn, checkpointing=setting.checkpointing)
         model.train()
@@ -97,6 +112,21 @@ def measure_step(config, setting: Setting, seq_len: int, steps: int = 2, fake: b
                   seq_len=seq_len, micro_batch=setting.micro_batch, setting=setting.to_dict(),
                   seconds=round(time.perf_counter() - start, 2))
     return result
+
+
+def _without_attention_dropout(config):
+    """A copy of `config` with attention dropout 0, so CPU SDPA measures what CUDA SDPA allocates.
+
+    On CPU, SDPA with dropout falls back to the math kernel, which materializes the (T x T)
+    attention matrix and its dropout mask per layer; CUDA's flash and memory-efficient kernels
+    apply dropout inside, storing only an RNG seed. (GPT-2 124M, attn_pdrop=0.1, bf16, 8 x 1024:
+    20.2 GiB with the CPU fallback, 6.5 GiB without.)
+    """
+    config = copy.deepcopy(config)
+    for field in ATTENTION_DROPOUT_FIELDS:
+        if getattr(config, field, 0.0):
+            setattr(config, field, 0.0)
+    return config
 
 
 def _build(model, setting: Setting, engine: str, fake: bool) -> torch.optim.Optimizer:

@@ -97,6 +97,8 @@ def _load_folder(folder: str, common: dict) -> PreTrainedModel:
 
 
 def _load_hub(name: str, common: dict, revision: str | None) -> PreTrainedModel:
+    # use_safetensors=True also takes the safetensors conversion PR (refs/pr/N, opened by
+    # SFconvertbot) that many old repos have instead of safetensors on main.
     try:
         return AutoModelForCausalLM.from_pretrained(name, use_safetensors=True, revision=revision,
                                                     **common)
@@ -129,13 +131,14 @@ def enable_checkpointing(model: PreTrainedModel) -> None:
         raise PtlmError(f"{type(model).__name__} does not support activation checkpointing; "
                         "train without --checkpointing")
     # transformers 5.x renamed gradient_checkpointing_enable (now a deprecated alias).
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable = (getattr(model, "activation_checkpointing_enable", None)
+              or model.gradient_checkpointing_enable)
     enable({"use_reentrant": False})
     model.config.use_cache = False
 
 
 def restore_use_cache(model: PreTrainedModel) -> None:
-    """Set `use_cache=True` back before save_pretrained, so the exported model generates with a KV cache.
+    """Set `use_cache=True` back before save_pretrained, so the exported model generates with a cache.
 
     Training with checkpointing sets `config.use_cache=False`, which otherwise leaks into the saved
     config.json and makes generation slow for whoever downloads the model (trl #1798).
@@ -147,7 +150,7 @@ def restore_use_cache(model: PreTrainedModel) -> None:
 
 
 def model_max_positions(config: PretrainedConfig) -> int | None:
-    """The longest sequence the model supports (position table size), or None if the config says nothing."""
+    """The longest sequence the model supports (its position table), or None if the config is silent."""
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     for field in MAX_POSITION_FIELDS:
         value = getattr(text_config, field, None)
@@ -156,7 +159,8 @@ def model_max_positions(config: PretrainedConfig) -> int | None:
     return None
 
 
-def check_vocab(model: PreTrainedModel, vocab_size_needed: int, pad_to_multiple_of: int | None = None) -> int:
+def check_vocab(model: PreTrainedModel, vocab_size_needed: int,
+                pad_to_multiple_of: int | None = None) -> int:
     """Make the embedding table hold `vocab_size_needed` ids (the tokenizer's size); return its size.
 
     A table larger than the tokenizer is fine (OPT pads 50,265 tokens to 50,272 rows). A smaller

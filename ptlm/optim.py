@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 FUSED_ADAMW_DEVICES = ("cuda", "cpu", "xpu", "mps", "hpu")
 
 
-def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
+def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]],
+                 weight_decay: float) -> list[dict]:
     """Two groups: weight decay on matrices (linear and embedding weights), none on the rest.
 
     Biases and norm weights (LayerNorm, RMSNorm) are 1-D: decaying them towards 0 only fights

@@ -52,6 +52,7 @@ class RunConfig:
     log_every: int = 1
     export: bool = True
     inject_oom_at_step: int | None = None  # testing aid: raise one OOM in this step's 1st micro
+    kill_after_step: int | None = None  # testing aid: SIGKILL after this step (and its saves)
 
     def __post_init__(self) -> None:
         self.data, self.out = Path(self.data), Path(self.out)
@@ -126,6 +127,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every", type=int)
     p.add_argument("--no-export", dest="export", action="store_false", default=None)
     p.add_argument("--inject-oom-at-step", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--kill-after-step", type=int, help=argparse.SUPPRESS)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help=argparse.SUPPRESS)  # added by the deepspeed launcher
 

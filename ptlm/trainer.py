@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import os
-import shutil
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,6 +61,7 @@ class RunState:
     last_eval: dict | None = None
     epochs: list = field(default_factory=list)
     micro_batch: int = 0  # current (an OOM back-off halves it)
+    oom_injected: bool = False
 
 
 @dataclass
@@ -240,20 +241,92 @@ def peak_memory_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
-def optimizer_step(run: Run, batches) -> float:
-    """One global batch: accum micro-batches, then engine.step(). Returns the mean loss over
-    the global batch (all ranks)."""
+def optimizer_step(run: Run) -> float:
+    """One global batch: accum micro-batches, then engine.step(). Returns the mean loss over the
+    global batch (all ranks). On an out-of-memory error on any rank, every rank halves its
+    micro-batch, doubles accumulation (same global batch, same blocks) and redoes the step."""
+    start = run.loader.consumed
+    while True:
+        try:
+            return _micro_steps(run)
+        except _AgreedOOM:
+            _back_off(run, start)
+
+
+class _AgreedOOM(Exception):
+    """Every rank knows some rank ran out of memory in this micro-step."""
+
+
+def _micro_steps(run: Run) -> float:
     losses = []
-    for ids in batches:
-        ids = ids.to(run.dist.device, non_blocking=True)
-        mean, _, _ = run.engine(ids)
-        run.engine.backward(mean)
+    it = iter(run.loader)
+    for _ in range(run.engine.gradient_accumulation_steps()):
+        ids = next(it).to(run.dist.device, non_blocking=True)
+        mean = _agreed(run, lambda: _forward(run, ids))
+        _agreed(run, lambda: run.engine.backward(mean))
         if run.engine.is_gradient_accumulation_boundary() and run.plan.setting.zero == 0:
             run.state_grad_norm = grad_norm(run.model)  # ZeRO-0: DeepSpeed does not keep it
         run.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
         losses.append(mean.detach().float().item())
     total, count = all_reduce_sum([sum(losses), len(losses)], run.dist.device)
     return total / count
+
+
+def _forward(run: Run, ids: torch.Tensor) -> torch.Tensor:
+    _maybe_inject_oom(run)
+    mean, _, _ = run.engine(ids)
+    return mean
+
+
+def _agreed(run: Run, fn):
+    """Run fn; then every rank learns whether any rank ran out of memory in it.
+
+    Ranks agree after the forward and after the backward, before the next collective. Ranks
+    usually run out of memory together (same shapes, same model); one rank alone running out
+    inside a collective (ZeRO-3's forward gathers, ZeRO-2's backward reductions) can still hang
+    the others until the process group's timeout."""
+    oom, out = False, None
+    try:
+        out = fn()
+    except torch.OutOfMemoryError:
+        oom = True
+    if any_rank(oom, run.dist.device):
+        raise _AgreedOOM
+    return out
+
+
+def _maybe_inject_oom(run: Run) -> None:
+    """Testing aid (--inject-oom-at-step): one OOM, on rank 0 only, in the first micro-step."""
+    if (run.cfg.inject_oom_at_step == run.state.step + 1 and run.dist.is_main
+            and not run.state.oom_injected):
+        run.state.oom_injected = True
+        raise torch.OutOfMemoryError("injected by --inject-oom-at-step")
+
+
+def _back_off(run: Run, step_start: int) -> None:
+    old = run.state.micro_batch
+    if old == 1:
+        raise PtlmError("out of GPU memory at micro-batch 1: nothing left to halve. Plan again "
+                        "for this GPU (`ptlm plan`), e.g. with --checkpointing on, --zero 3 or "
+                        "--offload optimizer")
+    new = old // 2
+    engine = run.engine
+    engine.zero_grad()  # drop the partial gradients of the failed step
+    if hasattr(engine.optimizer, "zero_grad"):
+        engine.optimizer.zero_grad()
+    engine.micro_steps -= engine.micro_steps % engine.gradient_accumulation_steps()
+    engine.set_train_micro_batch_size(new)
+    engine.set_train_batch_size(run.plan.global_batch)  # accumulation doubles
+    run.loader.set_micro_batch(new)
+    run.loader.consumed = step_start  # redo the same blocks
+    run.state.micro_batch = new
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    log.warning("out of memory at micro-batch %d: every rank now runs micro-batch %d with "
+                "accumulation %d (global batch %d unchanged); redoing step %d", old, new,
+                engine.gradient_accumulation_steps(), run.plan.global_batch, run.state.step + 1)
+    run.metrics.write({"kind": "oom_backoff", "step": run.state.step, "micro_batch": new,
+                       "grad_accum": engine.gradient_accumulation_steps()})
 
 
 def grad_norm(model: nn.Module) -> float:
@@ -304,14 +377,12 @@ def train_loop(run: Run) -> None:
     from tqdm import tqdm
 
     s, cfg, loader = run.state, run.cfg, run.loader
-    accum = run.plan.grad_accum
     bar = tqdm(total=run.total_steps, initial=s.step, desc="train", unit="step",
                dynamic_ncols=True) if run.dist.is_main else None
     while s.step < run.total_steps:
-        it = iter(loader)  # the rest of the current epoch
         while s.step < run.total_steps and loader.consumed < loader.blocks_per_epoch:
             t0 = time.perf_counter()
-            loss = optimizer_step(run, [next(it) for _ in range(accum)])
+            loss = optimizer_step(run)
             dt = time.perf_counter() - t0
             s.step += 1
             s.tokens += run.plan.global_batch * run.val.seq_len
@@ -328,6 +399,8 @@ def train_loop(run: Run) -> None:
                 time.time() - run.last_save >= 60 * cfg.save_every_minutes, run.dist.device)
             if due(cfg.save_every, s.step) or minutes_due:
                 save(run)
+            if cfg.kill_after_step == s.step:  # testing aid: die as a preempted node would
+                os.kill(os.getpid(), signal.SIGKILL)
         if loader.consumed == loader.blocks_per_epoch:
             loader.finish_epoch()
             end_epoch(run)

@@ -1,0 +1,146 @@
+"""ptlm.model: loading from configs and folders, attention choice, checkpointing, vocab checks."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from transformers import GPT2Config, OPTConfig, PretrainedConfig
+
+from ptlm.errors import PtlmError
+from ptlm.model import (check_vocab, enable_checkpointing, load_model, model_max_positions,
+                        restore_use_cache)
+
+VOCAB = 512
+
+
+def tiny_opt(**overrides) -> OPTConfig:
+    fields = dict(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
+                  dropout=0.0)
+    return OPTConfig(**{**fields, **overrides})
+
+
+def tiny_gpt2() -> GPT2Config:
+    return GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16),
+                                              ("fp16", torch.float16)])
+def test_config_gives_random_model_in_precision_with_sdpa(precision, dtype):
+    model = load_model(tiny_opt(), precision)
+    assert all(p.dtype == dtype for p in model.parameters())
+    assert model.config._attn_implementation == "sdpa"
+    assert model.lm_head.weight is model.get_input_embeddings().weight  # tied, as OPT ships
+
+
+def test_folder_round_trip_uses_safetensors(tmp_path):
+    model = load_model(tiny_gpt2(), "fp32")
+    model.save_pretrained(tmp_path)
+    assert list(tmp_path.glob("*.safetensors"))
+    loaded = load_model(tmp_path, "fp32")
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_folder_with_only_pickled_weights_loads_with_a_warning(tmp_path, caplog):
+    model = load_model(tiny_opt(), "fp32")
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    with caplog.at_level(logging.WARNING, logger="ptlm.model"):
+        loaded = load_model(tmp_path, "fp32")
+    assert "no safetensors" in caplog.text
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_bad_specs_raise_ptlm_errors(tmp_path):
+    with pytest.raises(PtlmError, match="does not exist"):
+        load_model("./no/such/folder", "fp32")
+    with pytest.raises(PtlmError, match="config.json"):
+        load_model(tmp_path, "fp32")
+    with pytest.raises(PtlmError, match="precision"):
+        load_model(tiny_opt(), "fp8")
+    with pytest.raises(PtlmError, match="attention"):
+        load_model(tiny_opt(), "fp32", attn="magic")
+
+
+def test_hub_name_without_network_is_a_ptlm_error():
+    with pytest.raises(PtlmError, match="hub"):
+        load_model("facebook/opt-125m", "fp32")  # conftest sets HF_HUB_OFFLINE=1
+
+
+def test_flash_attention_request_without_the_package_is_explained():
+    with pytest.raises(PtlmError, match="flash"):
+        load_model(tiny_opt(), "bf16", attn="flash_attention_2")
+
+
+def test_eager_attention_on_request():
+    assert load_model(tiny_opt(), "fp32", attn="eager").config._attn_implementation == "eager"
+
+
+def test_checkpointing_keeps_gradients_and_is_undone_for_export(tmp_path):
+    torch.manual_seed(0)
+    plain = load_model(tiny_opt(), "fp32")
+    checkpointed = load_model(tiny_opt(), "fp32", checkpointing=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    assert checkpointed.config.use_cache is False
+    assert all(layer.gradient_checkpointing for layer in checkpointed.model.decoder.layers)
+
+    ids = torch.randint(0, VOCAB, (2, 16))
+    for model in (plain, checkpointed):
+        model.train()
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+    restore_use_cache(checkpointed)
+    checkpointed.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["use_cache"] is True
+
+
+def test_checkpointing_refused_for_models_without_support():
+    model = load_model(tiny_opt(), "fp32")
+    model.supports_gradient_checkpointing = False
+    with pytest.raises(PtlmError, match="checkpointing"):
+        enable_checkpointing(model)
+
+
+def test_model_max_positions():
+    assert model_max_positions(tiny_opt(max_position_embeddings=2048)) == 2048
+    assert model_max_positions(GPT2Config(n_positions=1024)) == 1024
+    assert model_max_positions(PretrainedConfig()) is None  # says nothing about positions
+
+
+def test_check_vocab_leaves_a_large_enough_table_alone():
+    model = load_model(tiny_opt(), "fp32")
+    assert check_vocab(model, VOCAB - 7) == VOCAB
+    assert model.get_input_embeddings().weight.shape[0] == VOCAB
+
+
+@pytest.mark.parametrize("make_config", [tiny_opt, tiny_gpt2])
+def test_check_vocab_grows_tied_embeddings(make_config):
+    model = load_model(make_config(), "fp32")
+    old = model.get_input_embeddings().weight.detach().clone()
+    assert check_vocab(model, VOCAB + 3, pad_to_multiple_of=8) == VOCAB + 8
+    new = model.get_input_embeddings().weight
+    assert new.shape[0] == VOCAB + 8 and model.config.vocab_size == VOCAB + 8
+    assert torch.equal(new[:VOCAB], old)
+    assert model.get_output_embeddings().weight is new
+    ids = torch.tensor([[VOCAB + 2, 1, 2]])  # a new token goes through the model
+    assert model(input_ids=ids).logits.shape[-1] == VOCAB + 8
+
+
+def test_check_vocab_explains_when_it_cannot_resize(monkeypatch):
+    model = load_model(tiny_opt(), "fp32")
+
+    def refuse(*args, **kwargs):
+        raise NotImplementedError("no resizing here")
+
+    monkeypatch.setattr(model, "resize_token_embeddings", refuse)
+    with pytest.raises(PtlmError, match="cannot be resized"):
+        check_vocab(model, VOCAB + 1)
+    with pytest.raises(PtlmError, match="at least one token"):
+        check_vocab(model, 0)
