@@ -1,0 +1,259 @@
+"""The training run end to end: real DeepSpeed engines on CPU ranks (DS_ACCELERATOR=cpu), real
+HF models built from tiny configs, real Arrow data. Runs are subprocesses, as users launch them."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ptlm.errors import PtlmError
+from tests.conftest import ROOT
+
+TINY = dict(hidden=64, layers=2, heads=4, ffn=128, positions=128)
+
+
+def tiny_model(path, arch="opt", dropout=0.0, positions=TINY["positions"]):
+    from transformers import GPT2Config, OPTConfig
+
+    if arch == "opt":
+        cfg = OPTConfig(vocab_size=1024, hidden_size=TINY["hidden"],
+                        num_hidden_layers=TINY["layers"], ffn_dim=TINY["ffn"],
+                        num_attention_heads=TINY["heads"], max_position_embeddings=positions,
+                        word_embed_proj_dim=TINY["hidden"], dropout=dropout,
+                        attention_dropout=0.0)
+    else:
+        cfg = GPT2Config(vocab_size=1024, n_embd=TINY["hidden"], n_layer=TINY["layers"],
+                         n_head=TINY["heads"], n_positions=positions, resid_pdrop=dropout,
+                         embd_pdrop=dropout, attn_pdrop=0.0)
+    cfg.save_pretrained(path)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train(data, out, model, *extra, ranks=1, check=True):
+    args = ["launch/train.py", "--model", str(model), "--from-scratch", "--data", str(data),
+            "--out", str(out), "--lr", "3e-3", "--seed", "0", *map(str, extra)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu",
+           "OMP_NUM_THREADS": "1"}
+    if ranks == 1:
+        cmd = [sys.executable, *args]
+    else:
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+               "--master_port", str(free_port()), *args]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return r
+
+
+def records(out, kind):
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == kind]
+
+
+def losses(out):
+    return [r["loss"] for r in records(out, "train")]
+
+
+def hf_perplexity(model_dir, data, split="val"):
+    """Plain Hugging Face: the model's own loss over every block, token-weighted."""
+    from transformers import AutoModelForCausalLM
+
+    from ptlm.data import PackedDataset
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ds = PackedDataset(data, split)
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(ds)):
+            ids = ds[i][None]
+            loss = model(input_ids=ids, labels=ids).loss
+            nll += loss.item() * (ids.shape[1] - 1)
+            n += ids.shape[1] - 1
+    return math.exp(nll / n)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {"opt": tiny_model(root / "opt"), "gpt2": tiny_model(root / "gpt2", "gpt2"),
+            "opt_dropout": tiny_model(root / "optd", dropout=0.1)}
+
+
+@pytest.fixture(scope="module")
+def one_rank_opt(tmp_path_factory, demo_dataset, models):
+    out = tmp_path_factory.mktemp("run") / "one"
+    train(demo_dataset, out, models["opt"], "--global-batch", 8, "--micro-batch", 8)
+    return out
+
+
+def check_finished_run(out, data):
+    evals = records(out, "eval")
+    assert evals[0]["step"] == 0 and evals[0]["tag"] == "initial"
+    assert [e["tag"] for e in evals].count("epoch") == 1
+    steps = losses(out)
+    assert steps[-1] < steps[0] - 0.3, "the loss did not fall"
+    summary = json.loads((out / "summary.json").read_text())
+    run = summary["run"]
+    assert run["final_val_ppl"] < run["initial_val_ppl"]
+    report = (out / "report.md").read_text()
+    assert "| seq len | epochs |" in report and "| epoch | steps | train loss |" in report
+    # the export loads in plain transformers and reproduces the run's final val perplexity
+    ppl = hf_perplexity(out / "hf_model", data)
+    assert ppl == pytest.approx(run["final_val_ppl"], rel=1e-4)
+    cfg = json.loads((out / "hf_model" / "config.json").read_text())
+    assert cfg["use_cache"] is True
+    assert (out / "hf_model" / "model.safetensors").exists()
+    assert (out / "hf_model" / "tokenizer.json").exists()
+
+
+def test_one_rank_trains_evaluates_exports_and_reports(one_rank_opt, demo_dataset):
+    check_finished_run(one_rank_opt, demo_dataset)
+    assert (one_rank_opt / "loss.png").exists()
+    plan = json.loads((one_rank_opt / "plan.json").read_text())
+    ds = json.loads((one_rank_opt / "ds_config.json").read_text())
+    assert plan["global_batch"] == 8 and ds["train_batch_size"] == 8
+    assert "auto" not in json.dumps(ds)
+
+
+def test_two_ranks_zero3_match_one_rank_step_by_step(tmp_path, demo_dataset, models,
+                                                      one_rank_opt):
+    out = tmp_path / "z3"
+    train(demo_dataset, out, models["opt"], "--global-batch", 8, "--micro-batch", 2,
+          "--zero", 3, ranks=2)
+    check_finished_run(out, demo_dataset)
+    assert losses(out) == pytest.approx(losses(one_rank_opt), rel=1e-4)
+    assert all(r["micro_batch"] == 2 for r in records(out, "train"))  # 2 x 2 ranks x accum 2
+
+
+def test_two_ranks_zero2_gpt2(tmp_path, demo_dataset, models):
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(demo_dataset, one, models["gpt2"], "--global-batch", 8, "--micro-batch", 8)
+    train(demo_dataset, two, models["gpt2"], "--global-batch", 8, "--micro-batch", 4,
+          "--zero", 2, ranks=2)
+    check_finished_run(two, demo_dataset)
+    assert losses(two) == pytest.approx(losses(one), rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero, arch", [(0, "opt"), (2, "opt"), (0, "gpt2"), (3, "gpt2")])
+def test_two_ranks_other_stages(tmp_path, demo_dataset, models, zero, arch):
+    out = tmp_path / "run"
+    train(demo_dataset, out, models[arch], "--global-batch", 8, "--micro-batch", 4,
+          "--zero", zero, ranks=2)
+    check_finished_run(out, demo_dataset)
+
+
+def test_kill_and_resume_is_exact_across_an_epoch_boundary(tmp_path, demo_dataset, models):
+    model = models["opt_dropout"]  # dropout on: the RNG state must be restored too
+    common = ["--global-batch", 16, "--micro-batch", 8, "--epochs", 2, "--no-export"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train(demo_dataset, full, model, *common)
+    per_epoch = len(records(full, "train")) // 2
+    kill_at = per_epoch + 3  # past the epoch boundary, 1 step after the last checkpoint
+    r = train(demo_dataset, cut, model, *common, "--save-every", per_epoch + 2,
+              "--kill-after-step", kill_at, check=False)
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert len(losses(cut)) == kill_at
+    train(demo_dataset, cut, model, *common)  # --resume auto is the default
+    assert losses(cut) == losses(full)  # identical, step by step, on CPU fp32
+    assert [r["step"] for r in records(cut, "train")] == list(range(1, 2 * per_epoch + 1))
+    epochs = lambda out: [{k: v for k, v in e.items() if k != "time_s"}
+                          for e in json.loads((out / "summary.json").read_text())["epochs"]]
+    assert epochs(cut) == epochs(full) and len(epochs(full)) == 2
+
+
+def test_resume_on_fewer_ranks_continues_the_same_batches(tmp_path, demo_dataset, models,
+                                                           one_rank_opt):
+    out = tmp_path / "two_then_one"
+    r = train(demo_dataset, out, models["opt"], "--global-batch", 8, "--micro-batch", 4,
+              "--save-every", 10, "--kill-after-step", 12, "--no-export", ranks=2, check=False)
+    assert r.returncode != 0
+    train(demo_dataset, out, models["opt"], "--global-batch", 8, "--micro-batch", 8)
+    assert losses(out) == pytest.approx(losses(one_rank_opt), rel=1e-4)
+
+
+def test_oom_backoff_keeps_the_global_batch(tmp_path, demo_dataset, models, one_rank_opt):
+    out = tmp_path / "oom"
+    train(demo_dataset, out, models["opt"], "--global-batch", 8, "--micro-batch", 4, "--zero",
+          2, "--inject-oom-at-step", 3, "--max-steps", 6, "--no-export", ranks=2)
+    backoff = records(out, "oom_backoff")
+    assert backoff == [{"kind": "oom_backoff", "step": 2, "micro_batch": 2, "grad_accum": 2}]
+    assert [r["micro_batch"] for r in records(out, "train")] == [4, 4, 2, 2, 2, 2]
+    # the same blocks per step as the one-rank run: the same losses (until the LR schedules
+    # differ: that run plans a whole epoch, this one 6 steps, so compare the warm-up-free start)
+    assert losses(out)[:2] == pytest.approx(losses(one_rank_opt)[:2], rel=1e-4)
+
+
+def test_overfit_docs_learns(tmp_path, demo_dataset, models):
+    out = tmp_path / "overfit"
+    train(demo_dataset, out, models["opt"], "--overfit-docs", 2, "--global-batch", 4,
+          "--micro-batch", 4, "--epochs", 60, "--schedule", "constant", "--warmup-steps", 0,
+          "--no-export")
+    assert losses(out)[-1] < 0.5
+    assert records(out, "eval")[-1]["val_loss"] < 0.5
+
+
+# ------------------------------------------------------------------ bad inputs, before training
+
+def make_cfg(data, out, model, **kw):
+    from ptlm.runconfig import RunConfig
+
+    return RunConfig(model=str(model), data=data, out=out, from_scratch=True, **kw)
+
+
+def test_seq_len_above_positions_fails_before_training(tmp_path, demo_dataset):
+    from ptlm.data import PackedDataset
+    from ptlm.runsetup import build_model
+
+    model = tiny_model(tmp_path / "short", positions=32)  # the data's blocks are 64 tokens
+    with pytest.raises(PtlmError, match="seq_len 64 is above the 32 positions"):
+        build_model(make_cfg(demo_dataset, tmp_path / "o", model),
+                    PackedDataset(demo_dataset), "fp32")
+
+
+def test_tokenizer_mismatch_fails(tmp_path, demo_dataset, shared_gpt2_tokenizer):
+    from ptlm.data import PackedDataset
+    from ptlm.runsetup import check_tokenizer
+
+    cfg = make_cfg(demo_dataset, tmp_path / "o", "opt-125m", tokenizer=str(shared_gpt2_tokenizer))
+    with pytest.raises(PtlmError, match="is not the tokenizer"):
+        check_tokenizer(cfg, PackedDataset(demo_dataset))
+    check_tokenizer(make_cfg(demo_dataset, tmp_path / "o", "opt-125m",
+                             tokenizer=str(demo_dataset / "tokenizer")), PackedDataset(demo_dataset))
+
+
+def test_pretrained_model_with_a_smaller_vocab_is_resized(tmp_path, demo_dataset):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from ptlm.data import PackedDataset
+    from ptlm.runsetup import build_model
+
+    small = tmp_path / "small"
+    OPTForCausalLM(OPTConfig(vocab_size=500, hidden_size=32, num_hidden_layers=1, ffn_dim=64,
+                             num_attention_heads=2, max_position_embeddings=128,
+                             word_embed_proj_dim=32)).save_pretrained(small)
+    cfg = make_cfg(demo_dataset, tmp_path / "o", small)
+    cfg.from_scratch = False
+    model = build_model(cfg, PackedDataset(demo_dataset), "fp32")
+    assert model.get_input_embeddings().weight.shape[0] >= 1024
+
+
+def test_missing_data_and_bad_flags_fail_clearly(tmp_path, models):
+    r = train(tmp_path / "nothing", tmp_path / "o", models["opt"], check=False)
+    assert r.returncode == 2 and "prepare the data first" in r.stderr
+    assert "Traceback" not in r.stderr
+    with pytest.raises(PtlmError, match="--epochs must be >= 1"):
+        make_cfg(tmp_path, tmp_path, "x", epochs=0)
