@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("ptlm.inspect", "check every shard's sha256 against the manifest"),
     "train": ("ptlm.trainer", "train with DeepSpeed (same as `deepspeed launch/train.py`)"),
     "eval": ("ptlm.evaluate", "validation loss and perplexity of a model on prepared data or text"),
+    "generate": ("ptlm.generate", "continue a prompt with a trained model"),
     "demo": ("ptlm.demo", "run the built-in demo on the shipped Portuguese sample"),
     "plan": ("ptlm.plan_cli", "choose precision/ZeRO/offload/checkpointing/micro-batch that fit"),
 }
