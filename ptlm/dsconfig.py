@@ -39,7 +39,6 @@ PLAN_OWNED: dict[str, object] = {
     "zero_optimization.stage": 0,
     "zero_optimization.offload_optimizer.device": "none",
     "zero_optimization.offload_param.device": "none",
-    "optimizer.type": None,
 }
 
 # Top-level keys the plan's setting needs even when a template leaves them out.
@@ -69,12 +68,13 @@ def build_ds_config(plan: Plan, hyper: OptimizerHyper | None = None) -> dict:
         "zero_optimization": _zero_block(plan),
         "steps_per_print": STEPS_PER_PRINT,
         "wall_clock_breakdown": False,
-    }
-    if s.optimizer == "adamw":
-        config["optimizer"] = {"type": "AdamW", "params": {
+        # The hyper-parameters. ptlm builds the optimizer itself (ptlm/optim.py) and hands it to
+        # deepspeed.initialize, which then ignores this type; it is the CPU-Adam fallback.
+        "optimizer": {"type": "AdamW", "params": {
             "lr": hyper.lr, "betas": list(hyper.betas), "eps": hyper.eps,
-            "weight_decay": hyper.weight_decay}}
-    else:  # bitsandbytes AdamW8bit is created by ptlm and handed to deepspeed.initialize
+            "weight_decay": hyper.weight_decay}},
+    }
+    if s.optimizer == "adamw8bit":  # bitsandbytes is not on ZeRO's list of tested optimizers
         config["zero_allow_untested_optimizer"] = True
     return config
 
@@ -159,10 +159,6 @@ def _check_plan_owned(template: dict, complete: dict) -> None:
     for key, default in PLAN_OWNED.items():
         have = _get(template, key, default)
         want = _get(complete, key, default)
-        if key == "optimizer.type" and want is None and have is not None:
-            raise PtlmError(
-                "the plan uses adamw8bit, which ptlm creates (bitsandbytes) and hands to DeepSpeed "
-                'as a client optimizer: remove the template\'s "optimizer" block')
         if have != AUTO and have != want:
             raise PtlmError(
                 f"DeepSpeed template sets {key} = {have!r} but the plan needs {want!r}: set it to "

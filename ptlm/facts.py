@@ -57,8 +57,10 @@ class ModelFacts:
         return not self.rotary
 
     def describe(self) -> str:
-        return (f"{self.name} ({self.parameters / 1e6:,.1f} M parameters, {self.layers} layers, "
-                f"hidden {self.hidden}, vocab {self.vocab})")
+        count = (f"{self.parameters / 1e9:.2f} B" if self.parameters >= 1e9
+                 else f"{self.parameters / 1e6:.1f} M")
+        return (f"{self.name} ({count} parameters, {self.layers} layers, hidden {self.hidden}, "
+                f"vocab {self.vocab})")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -331,7 +333,7 @@ class HardwareFacts:
                    bf16=spec.bf16, peak_tflops=spec.peak_tflops, fp32_tflops=spec.fp32_tflops,
                    memory_bandwidth=spec.memory_bandwidth,
                    interconnect_bandwidth=spec.interconnect_bandwidth,
-                   pcie_bandwidth=spec.pcie_bandwidth, known_gpu=spec is not UNKNOWN_GPU)
+                   pcie_bandwidth=spec.pcie_bandwidth, known_gpu=KNOWN_GPUS.get(spec.name) == spec)
 
 
 _FAMILY_RE = re.compile(r"^([A-Z]+\d+[A-Z]?)(?:-(\d+)GB)?$")

@@ -3,7 +3,8 @@
 `estimate(model, hw, job, setting)` is a pure function: plain numbers in, a `MemoryBreakdown` out.
 The step has two memory peaks and the larger one counts:
   1. forward/backward: model states + DeepSpeed buffers + stored activations + the larger of
-     (loss/logits temporaries, one checkpointed layer being recomputed);
+     (loss/logits temporaries, the backward of one layer: its recomputed activations when
+     checkpointed, the gradients of its activations, the LM head's gradient);
   2. optimizer step: model states + fp32 gradients + the copies made building them
      (activations are gone by then).
 Ψ below is the parameter count, N the data-parallel world size (GPUs), b·s the tokens of one
@@ -52,8 +53,8 @@ FP32_GRAD_BYTES = 4
 # ZeRO-1/2 (stage_1_and_2.py step) build the fp32 grad partition from a flat 16-bit copy of it:
 # one more short-lived 16-bit copy, which DeepSpeed's estimator leaves out.
 ZERO12_EXTRA_HALF_GRAD_COPIES = 1
-# While loading, each rank holds the model on the host; DeepSpeed's estimator assumes fp32.
-MODEL_LOAD_BYTES = 4
+# While loading, each rank holds the model on the host in the training dtype
+# (ptlm.model.load_model passes it to from_pretrained); DeepSpeed's estimator assumes fp32 (4).
 # DeepSpeed's estimators multiply host memory by this "additional_buffer_factor".
 HOST_BUFFER_FACTOR = 1.5
 # Host RSS of one training process besides offloaded states: python + torch + CUDA runtime +
@@ -89,6 +90,12 @@ RMSNORM_FP32_TENSORS_PER_LAYER = 1
 HEAD_SAVED_TENSORS = 2
 # Gradient checkpointing keeps each layer's input; the backward recomputes one layer at a time.
 CHECKPOINT_SAVED_TENSORS_PER_LAYER = 1
+# While one layer runs its backward, the gradients of its activations are live: about one MLP-wide
+# and four hidden-wide tensors in the activation dtype (calibrated on ptlm.memtrace, OPT-125M:
+# 0.33 GiB fp32 / 0.24 GiB bf16 at 16×1024), plus the gradient flowing down the residual stream.
+LAYER_GRAD_FFN_TENSORS = 1
+LAYER_GRAD_HIDDEN_TENSORS = 4
+RESIDUAL_GRAD_TENSORS = 1
 
 # ----------------------------------------------------------------------------------------------
 # Loss / logits
@@ -210,12 +217,17 @@ class MemoryBreakdown:
     ds_buffers: int
     activations: int  # stored for the backward (checkpointed or not)
     loss: int  # logits / loss temporaries at their peak
-    recompute: int  # one checkpointed layer's activations during its recompute (0 without)
+    layer_backward: int  # one layer's backward: recomputed activations (checkpointing),
+    #                      grads of its activations, and the LM head's grad (held until the end)
     fp32_grads: int  # fp32 gradients the optimizer steps on (built at the step)
     flatten_copies: int  # short-lived copies while building them / all-reducing (step only)
     cuda_context: int
     host_model_states: int  # per node: max(model load, offloaded states) × buffer factor
     host_overhead: int  # per node: the training processes themselves
+    # Gradients live through the forward: ZeRO-2/3 keep persistent partition buffers, and
+    # accumulation keeps param.grad between micro-steps. Otherwise DeepSpeed sets them to None
+    # after each step and they grow during the backward while the activations shrink.
+    grads_persist: bool = True
 
     @property
     def model_states(self) -> int:
@@ -224,8 +236,13 @@ class MemoryBreakdown:
 
     @property
     def forward_backward_peak(self) -> int:
-        persistent = self.parameters + self.gradients + self.optimizer_states + self.ds_buffers
-        return persistent + self.activations + max(self.loss, self.recompute)
+        """At the loss / in the first layers' backward. Later, gradients grow while activations
+        are freed; the end of that trajectory (all gradients, no activations) is within the step
+        peak, so the two peaks bound the step."""
+        persistent = self.parameters + self.optimizer_states + self.ds_buffers
+        if self.grads_persist:
+            persistent += self.gradients
+        return persistent + self.activations + max(self.loss, self.layer_backward)
 
     @property
     def step_peak(self) -> int:
@@ -283,17 +300,24 @@ def estimate(model: ModelFacts, hw: HardwareFacts, job: Job, setting: Setting) -
     states = _model_states(model, setting, world, buffers)
     tokens = setting.micro_batch * job.seq_len
     host_states = _host_model_states(model, setting, world, hw.gpus_per_node or 1)
+    grads_persist = setting.zero >= 2 or accumulates(job, world, setting.micro_batch)
     return MemoryBreakdown(
         parameters=states.parameters, gradients=states.gradients,
         optimizer_states=states.optimizer_states,
-        ds_buffers=_ds_buffer_bytes(setting, world, buffers),
+        ds_buffers=_ds_buffer_bytes(setting, buffers),
         activations=_stored_activations(model, setting, tokens),
         loss=_loss_bytes(model, setting, job, tokens),
-        recompute=_layer_activations(model, setting) * tokens if setting.checkpointing else 0,
+        layer_backward=_layer_backward(model, setting, tokens, grads_persist),
         fp32_grads=states.fp32_grads, flatten_copies=states.flatten_copies,
         cuda_context=gpu_fixed_bytes(hw),
         host_model_states=host_states,
-        host_overhead=(hw.gpus_per_node or 1) * HOST_PROCESS_BYTES)
+        host_overhead=(hw.gpus_per_node or 1) * HOST_PROCESS_BYTES,
+        grads_persist=grads_persist)
+
+
+def accumulates(job: Job, world: int, micro_batch: int) -> bool:
+    """Whether this micro-batch needs gradient accumulation to reach the job's global batch."""
+    return job.global_batch is not None and micro_batch * world < job.global_batch
 
 
 @dataclass(frozen=True)
@@ -362,7 +386,7 @@ def _host_model_states(model: ModelFacts, s: Setting, world: int, gpus_per_node:
     psi = model.parameters
     # ZeRO-3 builds the model partitioned (zero.Init), so loading holds one layer at a time.
     load_params = model.largest_layer_params if s.zero == 3 else psi
-    load = gpus_per_node * load_params * MODEL_LOAD_BYTES
+    load = gpus_per_node * load_params * PRECISION_BYTES[s.precision]
     offloaded = 0
     if s.offload != "none":
         w = PRECISION_BYTES[s.precision]
@@ -375,7 +399,7 @@ def _host_model_states(model: ModelFacts, s: Setting, world: int, gpus_per_node:
     return int(max(load, offloaded) * HOST_BUFFER_FACTOR)
 
 
-def _ds_buffer_bytes(s: Setting, world: int, buffers: DsBuffers) -> int:
+def _ds_buffer_bytes(s: Setting, buffers: DsBuffers) -> int:
     w = PRECISION_BYTES[s.precision]
     if s.zero == 0:
         return 0
@@ -422,6 +446,18 @@ def loss_chunk_rows(model: ModelFacts, job: Job) -> int:
     if job.loss_chunk_tokens is not None:
         return job.loss_chunk_tokens
     return max(1, LOSS_LOGITS_CHUNK_BYTES // (FP32_BYTES * model.vocab))
+
+
+def _layer_backward(model: ModelFacts, s: Setting, tokens: int, grads_persist: bool) -> int:
+    a, h = _activation_bytes(s), model.hidden
+    per_token = a * (LAYER_GRAD_FFN_TENSORS * model.ffn + (LAYER_GRAD_HIDDEN_TENSORS
+                                                           + RESIDUAL_GRAD_TENSORS) * h)
+    if s.checkpointing:
+        per_token += _layer_activations(model, s)
+    # The LM head's weight grad arrives first; with tied embeddings autograd holds it until the
+    # embedding's own grad is added at the very end. Counted here unless all grads are counted.
+    head_grad = 0 if grads_persist else model.vocab * h * PRECISION_BYTES[s.precision]
+    return int(tokens * per_token) + head_grad
 
 
 def _loss_bytes(model: ModelFacts, s: Setting, job: Job, tokens: int) -> int:

@@ -224,16 +224,19 @@ def candidate_settings(hw: HardwareFacts, forced: dict) -> list[Setting]:
 def evaluate(model: ModelFacts, hw: HardwareFacts, job: Job, setting: Setting,
              fixed_micro: bool = False) -> Candidate | Rejected:
     """The candidate for `setting` at its best micro-batch, or why it does not fit."""
-    smallest = setting if fixed_micro else setting.with_(micro_batch=1)
-    problem = _fit_problem(model, hw, job, smallest)
-    if problem:
+    if fixed_micro:
+        largest = 0 if _fit_problem(model, hw, job, setting) else setting.micro_batch
+    else:
+        largest = _largest_fitting_micro(model, hw, job, setting)
+    if not largest:
+        smallest = setting if fixed_micro else setting.with_(micro_batch=1)
         mem = estimate(model, hw, job, smallest)
+        problem = _fit_problem(model, hw, job, smallest)
         return Rejected(smallest, problem, mem.needed_bytes, mem.host_total)
     if fixed_micro:
         micro = setting.micro_batch
         accum, global_batch = _accumulation(job, hw.world, micro)
     else:
-        largest = _largest_fitting_micro(model, hw, job, setting)
         micro, accum, global_batch = _split_batch(job, hw.world, largest)
     chosen = setting.with_(micro_batch=micro)
     step = step_seconds(model, hw, job, chosen, accum)
@@ -256,8 +259,18 @@ def _fit_problem(model: ModelFacts, hw: HardwareFacts, job: Job, setting: Settin
 
 
 def _largest_fitting_micro(model: ModelFacts, hw: HardwareFacts, job: Job, setting: Setting) -> int:
-    """Binary search: memory grows with the micro-batch; 1 is known to fit."""
-    cap = job.max_micro_batch if job.global_batch is None else _per_gpu_batch(job, hw.world)
+    """The largest micro-batch that fits, 0 if none. The whole per-GPU batch (no accumulation, so
+    no gradients held through the forward) is tried on its own; below it, memory grows with the
+    micro-batch: binary search."""
+    if job.global_batch is None:
+        cap = job.max_micro_batch
+    else:
+        cap = _per_gpu_batch(job, hw.world)
+        if not _fit_problem(model, hw, job, setting.with_(micro_batch=cap)):
+            return cap
+        cap -= 1
+    if cap < 1 or _fit_problem(model, hw, job, setting.with_(micro_batch=1)):
+        return 0
     low, high = 1, cap
     while low < high:
         mid = (low + high + 1) // 2
@@ -273,8 +286,8 @@ def _largest_fitting_micro(model: ModelFacts, hw: HardwareFacts, job: Job, setti
 # ----------------------------------------------------------------------------------------------
 
 def _per_gpu_batch(job: Job, world: int) -> int:
-    """Sequences per GPU per step: the requested global batch over the GPUs, rounded if needed."""
-    return max(1, round(job.global_batch / world))
+    """Sequences per GPU per step: the requested global batch over the GPUs, rounded half up."""
+    return max(1, math.floor(job.global_batch / world + 0.5))
 
 
 def _split_batch(job: Job, world: int, largest_micro: int) -> tuple[int, int, int]:
@@ -372,11 +385,17 @@ def _mfu(model: ModelFacts, hw: HardwareFacts, job: Job, tokens_per_s: float) ->
 PRECISION_PREFERENCE = {"bf16": 0, "fp16": 1, "fp32": 2}  # fp16 needs loss scaling
 
 
+# With optimizer offload, ZeRO-2 is the configuration ZeRO-Offload was built and documented on.
+OFFLOAD_ZERO_PREFERENCE = {2: 0, 1: 1, 3: 2}
+
+
 def _preference(c: Candidate) -> tuple:
-    """Among equally fast settings, the least intrusive: no offload, lower ZeRO stage, exact
-    AdamW, bf16, chunked loss (ptlm's default), no checkpointing, then less memory."""
+    """Among equally fast settings, the least intrusive: no offload, lower ZeRO stage (ZeRO-2
+    with optimizer offload), exact AdamW, bf16, chunked loss (ptlm's default), no checkpointing,
+    then less memory."""
     s = c.setting
-    return (s.offload != "none", s.zero, s.optimizer != "adamw", PRECISION_PREFERENCE[s.precision],
+    zero = OFFLOAD_ZERO_PREFERENCE[s.zero] if s.offload == "optimizer" else s.zero
+    return (s.offload != "none", zero, s.optimizer != "adamw", PRECISION_PREFERENCE[s.precision],
             not s.chunked_loss, s.checkpointing, c.memory.gpu_total)
 
 
@@ -436,30 +455,42 @@ def _nothing_fits_message(model: ModelFacts, hw: HardwareFacts, job: Job, forced
                           rejected: list[Rejected]) -> str:
     usable = usable_gpu_bytes(hw)
     scope = f"the forced setting ({forced})" if forced else "any setting"
-    lines = [f"{model.name} ({model.parameters / 1e9:.2f} B parameters) at seq {job.seq_len} does "
+    lines = [f"{model.name} ({_count(model.parameters)} parameters) at seq {job.seq_len} does "
              f"not fit on {hw.describe()}"
              + (f" with {hw.host_memory_bytes / GiB:.0f} GiB host RAM" if hw.host_memory_bytes else "")
              + f" with {scope}."]
+    single = len(rejected) == 1
+    if single:
+        lines.append(rejected[0].reason + ".")
     ways = []
     host_ok = [r for r in rejected if hw.host_memory_bytes is None
                or r.needed_host_bytes <= hw.host_memory_bytes]
     if host_ok:
         lean = min(host_ok, key=lambda r: r.needed_gpu_bytes)
-        lines.append(f"Leanest within host RAM: {lean.setting.describe()} needs "
-                     f"{lean.needed_gpu_bytes / GiB:.1f} GiB per GPU ({usable / GiB:.1f} GiB usable).")
+        if not single:
+            lines.append(f"Leanest within host RAM: {lean.setting.describe()} needs "
+                         f"{lean.needed_gpu_bytes / GiB:.1f} GiB per GPU ({usable / GiB:.1f} GiB "
+                         "usable).")
         ways.append(f"a GPU with >= {(lean.needed_gpu_bytes + gpu_fixed_bytes(hw)) / GiB:.0f} GiB")
     gpu_ok = [r for r in rejected if r.needed_gpu_bytes <= usable]
     if gpu_ok:
         lean = min(gpu_ok, key=lambda r: r.needed_host_bytes)
-        lines.append(f"Leanest on the GPU: {lean.setting.describe()} fits the GPU but needs "
-                     f"{lean.needed_host_bytes / GiB:.0f} GiB host RAM per node.")
+        if not single:
+            lines.append(f"Leanest on the GPU: {lean.setting.describe()} fits the GPU but needs "
+                         f"{lean.needed_host_bytes / GiB:.0f} GiB host RAM per node.")
         ways.append(f">= {lean.needed_host_bytes / GiB:.0f} GiB host RAM per node (CPU offload)")
+    if forced.get("micro_batch", 1) > 1:
+        ways.append("a smaller --micro-batch (accumulation keeps the global batch)")
     scaled = _smallest_scale_out(model, hw, job, forced)
     if scaled:
         ways.append(f"{scaled.nodes} machines like this one ({scaled.world} GPUs in all, ZeRO "
                     f"shards the model states across them)")
     lines.append("Options: " + "; or ".join(ways) + ".")
     return " ".join(lines)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
 
 
 def _smallest_scale_out(model: ModelFacts, hw: HardwareFacts, job: Job,

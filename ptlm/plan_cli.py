@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from ptlm.errors import PtlmError
@@ -77,8 +78,8 @@ def hardware_from_args(args: argparse.Namespace) -> HardwareFacts:
                             "--gpus N --gpu-memory SIZE")
         hw = HardwareFacts.from_spec(spec, args.gpus or 1, args.nodes, host)
     elif args.gpu_memory:
-        hw = HardwareFacts.from_spec(UNKNOWN_GPU, args.gpus or 1, args.nodes, host)
-        hw = _replace(hw, gpu_name="custom GPU")
+        spec = replace(UNKNOWN_GPU, name="custom GPU", memory_bytes=parse_size(args.gpu_memory))
+        hw = HardwareFacts.from_spec(spec, args.gpus or 1, args.nodes, host)
     else:
         hw = _replace(hardware.detect(), nodes=args.nodes, host_memory_bytes=host)
         if hw.gpus_per_node == 0:
@@ -122,6 +123,9 @@ def run(args: argparse.Namespace) -> int:
     hw = hardware_from_args(args)
     job = Job(seq_len=args.seq_len, global_batch=args.global_batch)
     result = plan(model, hw, job, setting_overrides(args))
+    if not args.host_memory and hw.host_memory_bytes:
+        result.notes.append(f"host RAM: this machine's {hw.host_memory_bytes / GiB:.0f} GiB; pass "
+                            "--host-memory to plan for another machine")
     if args.write_ds_config:
         _write_ds_config(result, args)
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result))
@@ -178,7 +182,7 @@ def _breakdown_lines(p: Plan) -> list[str]:
     rows = [("parameters", m.parameters), ("gradients", m.gradients),
             ("optimizer states", m.optimizer_states), ("DeepSpeed buffers", m.ds_buffers),
             ("activations", m.activations), ("loss / logits", m.loss),
-            ("checkpoint recompute", m.recompute),
+            ("layer backward", m.layer_backward),
             ("fp32 grads (step)", m.fp32_grads), ("flatten copies (step)", m.flatten_copies)]
     lines = [f"    {name:<24}{_gib(value)}" for name, value in rows]
     lines += [
