@@ -19,6 +19,6 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   python -m pip install -q --upgrade pip
   # torch first: deepspeed's setup imports it.
   python -m pip install -q -c "$ROOT/constraints.txt" torch
-  python -m pip install -q -c "$ROOT/constraints.txt" -e "$ROOT[dev,plots]"
+  python -m pip install -q -c "$ROOT/constraints.txt" -e "$ROOT[dev,plots,bench]"
   echo "$WANT" > "$STAMP"
 fi
