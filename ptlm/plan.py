@@ -175,6 +175,8 @@ def plan(model: ModelFacts, hw: HardwareFacts, job: Job, forced: dict | None = N
     for setting in candidate_settings(hw, forced):
         result = evaluate(model, hw, job, setting, fixed_micro="micro_batch" in forced)
         (fitting if isinstance(result, Candidate) else rejected).append(result)
+        if isinstance(result, Candidate) and "micro_batch" not in forced:
+            fitting += _smaller_micro_batches(model, hw, job, result)
     if not fitting:
         raise PtlmError(_nothing_fits_message(model, hw, job, forced, rejected))
     ranked = _rank(fitting)
@@ -184,6 +186,22 @@ def plan(model: ModelFacts, hw: HardwareFacts, job: Job, forced: dict | None = N
                 usable_gpu_bytes=usable_gpu_bytes(hw), why=_why(best, ranked, forced),
                 notes=_notes(model, hw, job, best),
                 alternatives=ranked[1:1 + ALTERNATIVES_SHOWN], rejected=rejected)
+
+
+def _smaller_micro_batches(model: ModelFacts, hw: HardwareFacts, job: Job,
+                           best: Candidate) -> list[Candidate]:
+    """The same setting at the smaller micro-batches that still split the global batch exactly.
+    Past a few thousand tokens per micro-step the GPU is saturated, so a smaller micro-batch is
+    often predicted within TIE_TOLERANCE of the largest: then the ranking prefers the one that
+    leaves more memory free (headroom against fragmentation and longer sequences)."""
+    if job.global_batch is None:
+        return []
+    per_gpu = _per_gpu_batch(job, hw.world)
+    micro = best.setting.micro_batch
+    options = [evaluate(model, hw, job, best.setting.with_(micro_batch=d), fixed_micro=True)
+               for d in range(1, micro) if per_gpu % d == 0]
+    # accumulation holds gradients through the forward: a smaller micro-batch may not fit
+    return [c for c in options if isinstance(c, Candidate)]
 
 
 def _check_inputs(model: ModelFacts, hw: HardwareFacts, job: Job, forced: dict) -> None:
