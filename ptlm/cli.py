@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("ptlm.prepare", "tokenize, pack and shard a corpus into Arrow files"),
     "inspect": ("ptlm.inspect", "summarize a prepared dataset and decode its first blocks"),
     "verify": ("ptlm.inspect", "check every shard's sha256 against the manifest"),
+    "probe": ("ptlm.probe", "confirm a plan with real steps: largest micro-batch that fits"),
     "train": ("ptlm.trainer", "train with DeepSpeed (same as `deepspeed launch/train.py`)"),
     "eval": ("ptlm.evaluate", "validation loss and perplexity of a model on prepared data or text"),
     "generate": ("ptlm.generate", "continue a prompt with a trained model"),

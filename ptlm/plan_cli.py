@@ -114,6 +114,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--json", action="store_true", help="print the plan as JSON")
     out.add_argument("--write-ds-config", metavar="FILE", type=Path,
                      help="write a complete DeepSpeed config for the plan")
+    out.add_argument("--verify", action="store_true",
+                     help="run one real training step of the chosen setting under FakeTensorMode "
+                          "(no GPU, no compute) and print its measured peak beside the prediction")
     out.add_argument("--lr", type=float, default=5e-5, help="learning rate in the written config")
     out.add_argument("--weight-decay", type=float, default=0.0)
 
@@ -128,8 +131,45 @@ def run(args: argparse.Namespace) -> int:
                             "--host-memory to plan for another machine")
     if args.write_ds_config:
         _write_ds_config(result, args)
-    print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result))
+    verified = verify(args.model, result) if args.verify else None
+    if args.json:
+        print(json.dumps({**result.to_dict(), **({"verify": verified} if verified else {})},
+                         indent=2))
+    else:
+        print(format_plan(result))
+        if verified:
+            print(format_verify(verified))
     return 0
+
+
+def verify(model_spec: str, p: Plan) -> dict:
+    """Measure the chosen setting's step under FakeTensorMode + MemTracker (ptlm.memtrace)."""
+    from ptlm.facts import known_config
+    from ptlm.memtrace import measure_step
+
+    setting = p.setting
+    if setting.zero != 0 or setting.offload != "none":
+        return {"skipped": f"{setting.describe()}: --verify measures one device (ZeRO-0 without "
+                           "offload); sharded settings rest on DeepSpeed's own accounting"}
+    if model_spec.lower() in KNOWN_CONFIGS:
+        config = known_config(model_spec)
+    else:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_spec, trust_remote_code=False)
+    m = measure_step(config, setting, p.job.seq_len)
+    predicted = p.memory.peak_tensor_bytes
+    return {"measured_peak_bytes": m["peak_bytes"], "predicted_peak_tensor_bytes": predicted,
+            "error": predicted / m["peak_bytes"] - 1, "measured_phase": m["peak_phase"],
+            "seconds": m["seconds"]}
+
+
+def format_verify(v: dict) -> str:
+    if "skipped" in v:
+        return f"\nVerify: skipped ({v['skipped']})"
+    return (f"\nVerify (one real step under FakeTensorMode, {v['seconds']:.0f} s): measured peak "
+            f"tensors {v['measured_peak_bytes'] / GiB:.2f} GiB (at the {v['measured_phase']}), "
+            f"predicted {v['predicted_peak_tensor_bytes'] / GiB:.2f} GiB ({v['error']:+.1%})")
 
 
 def _write_ds_config(result: Plan, args: argparse.Namespace) -> None:

@@ -25,15 +25,15 @@ VOCAB_ROWS_MULTIPLE = 8  # a fresh model's embedding rows are padded to this (te
 DEFAULT_GLOBAL_BATCH = 16  # sequences per optimizer step when neither flag nor plan says
 
 
-def model_config(cfg: RunConfig):
+def model_config_of(spec: str):
     from transformers import AutoConfig
 
-    if cfg.model.lower() in KNOWN_CONFIGS:
-        return known_config(cfg.model)
+    if spec.lower() in KNOWN_CONFIGS:
+        return known_config(spec)
     try:
-        return AutoConfig.from_pretrained(cfg.model, trust_remote_code=False)
+        return AutoConfig.from_pretrained(spec, trust_remote_code=False)
     except (OSError, ValueError) as e:
-        raise PtlmError(f"--model {cfg.model}: cannot read its config ({e}); give a local HF "
+        raise PtlmError(f"--model {spec}: cannot read its config ({e}); give a local HF "
                         f"folder, a hub name (online), or one of {', '.join(KNOWN_CONFIGS)}") \
             from None
 
@@ -42,7 +42,7 @@ def build_model(cfg: RunConfig, data: PackedDataset, precision: str):
     """The HF model, checked against the data: positions >= seq_len, embeddings >= vocab."""
     from ptlm.model import check_vocab, load_model, model_max_positions
 
-    config = model_config(cfg)
+    config = model_config_of(cfg.model)
     positions = model_max_positions(config)
     if positions is not None and data.seq_len > positions:
         raise PtlmError(f"the data's seq_len {data.seq_len} is above the {positions} positions of "
@@ -110,14 +110,33 @@ def resolve_plan(cfg: RunConfig, model, seq_len: int, world_size: int, on_gpu: b
             raise PtlmError(f"--plan {cfg.plan} is for seq_len {p.job.seq_len}, the data has "
                             f"{seq_len}")
         return p
-    forced = dict(cfg.forced)
+    return plan_for(cfg.model, model, seq_len, cfg.global_batch or DEFAULT_GLOBAL_BATCH,
+                    cfg.forced, world_size, on_gpu)
+
+
+def plan_for(spec: str, model, seq_len: int, global_batch: int, forced: dict, world_size: int,
+             on_gpu: bool, use_probe_cache: bool = True) -> Plan:
+    """plan() for this machine; a micro-batch above what `ptlm probe` saw fit here is lowered."""
+    from ptlm import probe
+
+    forced = dict(forced)
     if not on_gpu:  # CPU ranks: fp32 and nothing to offload to
         forced.setdefault("precision", "fp32")
         forced.setdefault("offload", "none")
         forced.setdefault("zero", 0)
-    job = Job(seq_len=seq_len, global_batch=cfg.global_batch or DEFAULT_GLOBAL_BATCH)
-    facts = ModelFacts.from_config(model.config, name=cfg.model)
-    return plan(facts, hardware(world_size), job, forced)
+    job = Job(seq_len=seq_len, global_batch=global_batch)
+    facts = ModelFacts.from_config(model.config, name=spec)
+    hw = hardware(world_size)
+    p = plan(facts, hw, job, forced)
+    if not use_probe_cache or "micro_batch" in forced:
+        return p
+    key = probe.cache_key(spec, hw.gpu_name, hw.gpu_memory_bytes, seq_len, p.setting, world_size)
+    probed = probe.cached_largest(key)
+    if probed is not None and 0 < probed < p.micro_batch:
+        log.info("ptlm probe measured micro-batch %d as the largest that fits %s here (planned "
+                 "%d): using %d", probed, p.setting.describe(), p.micro_batch, probed)
+        p = plan(facts, hw, job, {**forced, **p.setting.with_(micro_batch=probed).to_dict()})
+    return p
 
 
 def deepspeed_config(cfg: RunConfig, p: Plan) -> tuple[dict, dict]:

@@ -1,0 +1,101 @@
+"""Memory model accuracy: ptlm.memory's predicted peak vs a real training step of ptlm's loop
+measured under FakeTensorMode + MemTracker (ptlm.memtrace), on OPT-125M and GPT-2 124M configs,
+over a grid of settings; plus the headline (plain HF vs ptlm's T4 plan).
+
+    python bench/bench_memory.py            # ~3 min on 2 cores; prints markdown tables
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ptlm.setting import Setting  # noqa: E402
+
+GiB = 2**30
+TOLERANCE = 0.10
+
+# (model alias, seq_len, Setting): seq 128-2048, micro 1-16, checkpointing on/off, fp32/bf16,
+# AdamW/AdamW8bit, chunked loss on/off (ZeRO-0 on one device: what memtrace measures).
+GRID = [
+    ("opt-125m", 128, Setting("fp32", chunked_loss=False, micro_batch=16)),
+    ("opt-125m", 256, Setting("bf16", checkpointing=True, micro_batch=8)),
+    ("opt-125m", 512, Setting("bf16", optimizer="adamw8bit", micro_batch=4)),
+    ("opt-125m", 1024, Setting("fp32", chunked_loss=False, micro_batch=16)),
+    ("opt-125m", 1024, Setting("fp32", chunked_loss=False, checkpointing=True, micro_batch=16)),
+    ("opt-125m", 1024, Setting("bf16", micro_batch=16)),
+    ("opt-125m", 1024, Setting("bf16", checkpointing=True, micro_batch=8)),
+    ("opt-125m", 1024, Setting("fp32", optimizer="adamw8bit", micro_batch=4)),
+    ("opt-125m", 2048, Setting("bf16", chunked_loss=False, micro_batch=1)),
+    ("opt-125m", 2048, Setting("fp32", checkpointing=True, micro_batch=2)),
+    ("opt-125m", 1024, Setting("bf16", checkpointing=True, optimizer="adamw8bit",
+                               micro_batch=16)),
+    ("gpt2", 128, Setting("fp32", chunked_loss=False, micro_batch=16)),
+    ("gpt2", 256, Setting("bf16", checkpointing=True, optimizer="adamw8bit", micro_batch=4)),
+    ("gpt2", 512, Setting("bf16", micro_batch=8)),
+    ("gpt2", 1024, Setting("fp32", chunked_loss=False, micro_batch=1)),
+    ("gpt2", 1024, Setting("bf16", chunked_loss=False, checkpointing=True, micro_batch=8)),
+    ("gpt2", 1024, Setting("bf16", micro_batch=16)),
+    ("gpt2", 1024, Setting("fp32", chunked_loss=False, optimizer="adamw8bit", micro_batch=2)),
+]
+
+
+def measure(alias: str, seq_len: int, setting: Setting) -> tuple[int, int]:
+    """(predicted peak tensor bytes, measured peak bytes)."""
+    from ptlm.facts import KNOWN_GPUS, HardwareFacts, ModelFacts, known_config
+    from ptlm.memory import Job, estimate
+    from ptlm.memtrace import measure_step
+
+    config = known_config(alias)
+    hw = HardwareFacts.from_spec(KNOWN_GPUS["H100-80GB"])  # GPU size does not enter the tensors
+    predicted = estimate(ModelFacts.from_config(config), hw, Job(seq_len), setting)
+    measured = measure_step(config, setting, seq_len)["peak_bytes"]
+    return predicted.peak_tensor_bytes, measured
+
+
+def headline() -> list[str]:
+    from ptlm.facts import KNOWN_GPUS, HardwareFacts, from_pretrained_config, known_config
+    from ptlm.memory import Job
+    from ptlm.memtrace import measure_step
+    from ptlm.plan import plan
+    from ptlm.setting import PLAIN_HF
+
+    config = known_config("opt-125m")
+    t4 = HardwareFacts.from_spec(KNOWN_GPUS["T4"])
+    p = plan(from_pretrained_config("opt-125m"), t4, Job(1024, 16))
+    plain = measure_step(config, PLAIN_HF.with_(micro_batch=16), 1024)["peak_bytes"]
+    ours = measure_step(config, p.setting, 1024)["peak_bytes"]
+    return ["| OPT-125M, seq 1024, batch 16 | setting | measured peak tensors |", "|---|---|---|",
+            f"| plain Hugging Face | {PLAIN_HF.with_(micro_batch=16).describe()} | "
+            f"{plain / GiB:.2f} GiB |",
+            f"| ptlm plan for a 16 GB T4 | {p.setting.describe()} × {p.grad_accum} accumulation"
+            f" | {ours / GiB:.2f} GiB ({ours / plain:.2f}× plain; T4 usable "
+            f"{p.usable_gpu_bytes / GiB:.1f} GiB) |"]
+
+
+def main() -> None:
+    from common import machine
+
+    print(f"Machine: {machine()}; date {date.today()}; FakeTensorMode + MemTracker\n")
+    print("| model | seq | setting | predicted GiB | measured GiB | error |")
+    print("|---|---|---|---|---|---|")
+    worst = 0.0
+    t0 = time.time()
+    for alias, seq, setting in GRID:
+        predicted, measured = measure(alias, seq, setting)
+        err = predicted / measured - 1
+        worst = max(worst, abs(err))
+        print(f"| {alias} | {seq} | {setting.describe()} | {predicted / GiB:.2f} | "
+              f"{measured / GiB:.2f} | {err:+.1%} |", flush=True)
+    print(f"\n{len(GRID)} settings, worst error {worst:.1%} (goal ±{TOLERANCE:.0%}); "
+          f"{time.time() - t0:.0f} s\n")
+    print("\n".join(headline()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ptlm import probe
+from ptlm.setting import Setting
+from tests.conftest import ROOT
+from tests.test_trainer import free_port, tiny_model
+
+
+class Device:
+    """A micro-batch 'fits' when it is at most `limit`; counts the trials."""
+
+    def __init__(self, limit):
+        self.limit, self.tried = limit, []
+
+    def __call__(self, micro):
+        self.tried.append(micro)
+        return micro <= self.limit
+
+
+@pytest.mark.parametrize("limit, start, expected", [
+    (16, 16, 16), (9, 16, 8), (5, 8, 4), (0, 4, 0), (100, 2, 16), (3, 1, 2)])
+def test_largest_fitting_divisor(limit, start, expected):
+    dev = Device(limit)
+    assert probe.largest_fitting(dev, probe.divisors(16), start) == expected
+
+
+def test_a_correct_plan_costs_two_trials_at_most():
+    dev = Device(8)
+    assert probe.largest_fitting(dev, probe.divisors(16), 8) == 8
+    assert dev.tried == [8, 16]
+
+
+def test_cache_round_trip(tmp_path, monkeypatch):
+    monkeypatch.setenv(probe.CACHE_ENV, str(tmp_path))
+    s = Setting("bf16", micro_batch=16)
+    key = probe.cache_key("m", "T4", 16, 1024, s, 1)
+    assert probe.cached_largest(key) is None
+    probe.write_cache(key, {"largest_micro_batch": 4})
+    assert probe.cached_largest(key) == 4
+    # the micro-batch is what the probe measures, not part of the key; the rest is
+    assert probe.cache_key("m", "T4", 16, 1024, s.with_(micro_batch=2), 1) == key
+    assert probe.cache_key("m", "T4", 16, 1024, s.with_(checkpointing=True), 1) != key
+    (tmp_path / "probe.json").write_text("{broken")
+    assert probe.cached_largest(key) is None
+
+
+def test_probe_two_ranks_agree_and_training_uses_the_result(tmp_path, demo_dataset):
+    """Real DeepSpeed steps on 2 CPU ranks; the GPU's memory size is the one simulated thing."""
+    model = tiny_model(tmp_path / "m")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu",
+           probe.CACHE_ENV: str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    common = ["--model", str(model), "--from-scratch", "--global-batch", "16"]
+    # find the simulated memory size between micro-batch 4 and 8's predictions (2 ranks: 8 each)
+    r = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                        "--master_port", str(free_port()), "launch/probe.py", *common,
+                        "--seq-len", "64", "--simulate-gpu-memory", "1MiB", "--json"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "micro-batch 1 ran out of memory" in r.stderr + r.stdout
+    trials = json.loads((tmp_path / "cache" / "probe.json").read_text())
+    (entry,) = trials.values()
+    assert entry["largest_micro_batch"] == 0 and set(entry["trials"]) == {"1", "2", "4", "8"}
+    p4, p8 = (entry["trials"][m]["predicted_bytes"] for m in ("4", "8"))
+    limit = (p4 + p8) // 2
+    r = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                        "--master_port", str(free_port()), "launch/probe.py", *common,
+                        "--seq-len", "64", "--simulate-gpu-memory", str(limit)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "largest micro-batch that fits: 4 (planned 8)" in r.stdout
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                        "--master_port", str(free_port()), "launch/train.py", *common,
+                        "--data", str(demo_dataset), "--out", str(out), "--max-steps", "2",
+                        "--no-export"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["micro_batch"] == 4 and plan["grad_accum"] == 2 and plan["global_batch"] == 16
