@@ -95,6 +95,7 @@ def save(engine, run_dir: Path, step: int, client_state: dict, dist: Dist,
         tmp.replace(ckpt_dir / tag / COMPLETE)
         for _, old in complete_tags(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+            shutil.rmtree(universal_path(ckpt_dir / old), ignore_errors=True)
         log.info("saved checkpoint %s in %.1f s", tag, time.perf_counter() - t0)
     barrier()
     return ckpt_dir / tag
@@ -120,11 +121,36 @@ def saved_world_size(path: Path) -> int:
     return json.loads((path / COMPLETE).read_text())["world_size"]
 
 
+def universal_path(path: Path) -> Path:
+    return path.with_name(f"{path.name}_universal")
+
+
+def to_universal(path: Path) -> Path:
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format (its own tool), which loads on
+    any number of ranks. Run on one rank; the result sits beside the original."""
+    import subprocess
+    import sys
+
+    out = universal_path(path)
+    if (out / "zero").is_dir():
+        return out
+    log.info("converting %s to a universal checkpoint (another number of ranks)", path)
+    r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                        "--input_folder", str(path), "--output_folder", str(out),
+                        "--inject_missing_state"], capture_output=True, text=True)
+    if r.returncode:
+        shutil.rmtree(out, ignore_errors=True)
+        raise PtlmError(f"DeepSpeed's ds_to_universal could not convert {path}:\n"
+                        f"{r.stderr[-2000:]}")
+    return out
+
+
 def load(engine, path: Path, dist: Dist, universal: bool = False) -> dict:
     """Restore engine state (model, optimizer, scheduler) and this rank's RNG; returns the
     client state."""
+    source = universal_path(path) if universal else path
     loaded, client_state = engine.load_checkpoint(
-        str(path.parent), tag=path.name, load_optimizer_states=True,
+        str(source.parent), tag=source.name, load_optimizer_states=True,
         load_lr_scheduler_states=True)
     if loaded is None:
         raise PtlmError(f"DeepSpeed could not load the checkpoint {path}")

@@ -80,6 +80,8 @@ class Run:
     peak_flops: float | None
     last_save: float = field(default_factory=time.time)
     state_grad_norm: float | None = None  # ZeRO-0 only (ZeRO-1/2/3 report their own)
+    resume_from: Path | None = None
+    universal: bool = False
 
 
 # ------------------------------------------------------------------------------ setup
@@ -145,6 +147,9 @@ def setup(cfg: RunConfig) -> Run:
     loader = PackedLoader(train, setting.micro_batch, world_size=dist.world_size, rank=dist.rank,
                           global_batch=p.global_batch, seed=cfg.seed)
     steps = total_steps(cfg, loader.steps_per_epoch, p.global_batch * train.seq_len)
+    resume_from, universal = _resume_source(cfg, dist, setting)
+    if universal:  # another number of ranks with partitioned optimizer states
+        ds_config["checkpoint"] = {"load_universal": True}
     optimizer = build_optimizer(setting, model.named_parameters(), **hyper)
     if optimizer is None:  # DeepSpeed builds CPU Adam from the config
         ds_config["optimizer"] = {"type": "AdamW", "params": {**hyper, "betas": list(
@@ -169,7 +174,8 @@ def setup(cfg: RunConfig) -> Run:
         peak = tflops * 1e12
     return Run(cfg=cfg, dist=dist, engine=engine, model=model, loader=loader, val=val, plan=p,
                total_steps=steps, metrics=report.MetricsLog(cfg.out, dist.is_main),
-               state=RunState(micro_batch=setting.micro_batch),
+               state=RunState(micro_batch=setting.micro_batch), resume_from=resume_from,
+               universal=universal,
                flops_per_token=flops_per_token(facts, train.seq_len), peak_flops=peak)
 
 
@@ -201,26 +207,32 @@ def save(run: Run) -> None:
     run.last_save = time.time()
 
 
+def _resume_source(cfg: RunConfig, dist: Dist, setting) -> tuple[Path | None, bool]:
+    """The checkpoint to resume from, and whether it must go through DeepSpeed's universal
+    format: ZeRO-1/2/3 partition optimizer states per rank, so a checkpoint written by another
+    number of ranks is converted with DeepSpeed's ds_to_universal (DeepSpeed #2898, #5405)."""
+    path = checkpoint.resolve(cfg.out, cfg.resume)
+    if path is None:
+        return None, False
+    universal = checkpoint.saved_world_size(path) != dist.world_size and setting.zero > 0
+    if universal and dist.is_main:
+        checkpoint.to_universal(path)
+    barrier()
+    return path, universal
+
+
 def resume(run: Run) -> bool:
-    path = checkpoint.resolve(run.cfg.out, run.cfg.resume)
+    path = run.resume_from
     if path is None:
         return False
-    saved_world = checkpoint.saved_world_size(path)
-    if saved_world != run.dist.world_size and run.plan.setting.zero > 0:
-        raise PtlmError(
-            f"{path} was written by {saved_world} ranks with ZeRO-{run.plan.setting.zero}, whose "
-            f"optimizer state is partitioned per rank; this run has {run.dist.world_size}. "
-            "Resume with the same number of ranks, or convert the checkpoint with DeepSpeed's "
-            "universal checkpoint tool (python -m deepspeed.checkpoint.ds_to_universal) — see "
-            "docs/troubleshooting.md")
-    client = checkpoint.load(run.engine, path, run.dist, universal=saved_world !=
-                             run.dist.world_size)
+    client = checkpoint.load(run.engine, path, run.dist, universal=run.universal)
     run.state = RunState(**client["ptlm"])
     run.loader.load_state_dict(client["loader"])
     if run.dist.is_main:
         _truncate_metrics(run.cfg.out / report.METRICS, run.state.step)
-    log.info("resumed from %s at step %d (epoch %d, block %d of it)", path, run.state.step,
-             run.loader.epoch, run.loader.consumed)
+    log.info("resumed from %s%s at step %d (epoch %d, block %d of it)", path,
+             " (universal)" if run.universal else "", run.state.step, run.loader.epoch,
+             run.loader.consumed)
     return True
 
 

@@ -175,13 +175,19 @@ def test_kill_and_resume_is_exact_across_an_epoch_boundary(tmp_path, demo_datase
     assert epochs(cut) == epochs(full) and len(epochs(full)) == 2
 
 
+@pytest.mark.parametrize("zero", [0, 2])
 def test_resume_on_fewer_ranks_continues_the_same_batches(tmp_path, demo_dataset, models,
-                                                           one_rank_opt):
+                                                           one_rank_opt, zero):
+    """2 ranks killed, resumed on 1 with the same global batch: the same losses as a 1-rank run.
+    ZeRO-2's partitioned optimizer states go through DeepSpeed's universal checkpoint."""
     out = tmp_path / "two_then_one"
     r = train(demo_dataset, out, models["opt"], "--global-batch", 8, "--micro-batch", 4,
-              "--save-every", 10, "--kill-after-step", 12, "--no-export", ranks=2, check=False)
+              "--zero", zero, "--save-every", 10, "--kill-after-step", 12, "--no-export",
+              ranks=2, check=False)
     assert r.returncode != 0
-    train(demo_dataset, out, models["opt"], "--global-batch", 8, "--micro-batch", 8)
+    r = train(demo_dataset, out, models["opt"], "--global-batch", 8, "--micro-batch", 8,
+              "--zero", zero)
+    assert ("universal" in r.stderr) == (zero > 0)
     assert losses(out) == pytest.approx(losses(one_rank_opt), rel=1e-4)
 
 
