@@ -31,6 +31,7 @@ from ptlm import __version__
 from ptlm import packing, shards, sources
 from ptlm import tokenizer as toks
 from ptlm.errors import PtlmError
+from ptlm.facts import parse_size
 
 log = logging.getLogger("ptlm.prepare")
 
@@ -319,17 +320,6 @@ def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
 
 
 # ------------------------------------------------------------------------------ CLI
-
-def parse_size(text: str) -> int:
-    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20,
-             "gib": 2**30}
-    t = text.strip().lower()
-    num = t.rstrip("kmgib")
-    unit = t[len(num):]
-    if unit not in units or not num:
-        raise PtlmError(f"cannot read size {text!r}; write e.g. 256MiB or 1GB")
-    return int(float(num) * units[unit])
-
 
 def add_arguments(p) -> None:
     p.add_argument("sources", nargs="+", metavar="SOURCE",
