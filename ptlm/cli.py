@@ -1,4 +1,4 @@
-"""`ptlm` console entry point.
+"""ptlm: fine-tune or continue pretraining causal LMs on the GPUs you have.
 
 Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`.
 Only the invoked command's module is imported, so `ptlm prepare` never pays for importing
