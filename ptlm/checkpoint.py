@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ptlm.distributed import Dist, barrier
+from ptlm.distributed import Dist, all_reduce_sum, barrier
 from ptlm.errors import PtlmError
 
 log = logging.getLogger("ptlm.checkpoint")
@@ -99,6 +99,33 @@ def save(engine, run_dir: Path, step: int, client_state: dict, dist: Dist,
         log.info("saved checkpoint %s in %.1f s", tag, time.perf_counter() - t0)
     barrier()
     return ckpt_dir / tag
+
+
+def check_shared(run_dir: Path, dist: Dist, wait_s: float = 10.0) -> None:
+    """Every rank must see what rank 0 writes in the run folder: all ranks write their parts of
+    every checkpoint into it, and all must find the same checkpoint to resume from."""
+    if dist.world_size == 1:
+        return
+    import uuid
+
+    token = [uuid.uuid4().hex]
+    torch.distributed.broadcast_object_list(token, src=0)
+    probe = Path(run_dir) / f".ptlm_shared_{token[0]}"
+    if dist.is_main:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text(token[0])
+    barrier()
+    deadline = time.time() + wait_s  # a network filesystem may show a new file a moment later
+    while not probe.exists() and time.time() < deadline:
+        time.sleep(0.5)
+    unseen = all_reduce_sum([float(not probe.exists())], dist.device)[0]
+    barrier()
+    if dist.is_main:
+        probe.unlink(missing_ok=True)
+    if unseen:
+        raise PtlmError(f"--out {run_dir} is not shared: {int(unseen)} rank(s) cannot see the "
+                        "files rank 0 writes there. Give --out on a filesystem every node "
+                        "mounts at the same path (NFS, Lustre, ...); see docs/multinode.md")
 
 
 def resolve(run_dir: Path, resume: str) -> Path | None:

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import sys
 from dataclasses import dataclass
 
 import torch
+
+from ptlm.errors import PtlmError
 
 LOG_FORMAT = "[%(asctime)s rank {rank}/{world} %(levelname)s %(name)s] %(message)s"
 
@@ -36,12 +39,45 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _under_mpi() -> bool:
+    return any(k in os.environ for k in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"))
+
+
+def _ranks_from_mpi_or_srun() -> None:
+    """`deepspeed --launcher openmpi` (mpirun) and `--launcher slurm` (srun) start this script
+    on every rank themselves, without RANK/WORLD_SIZE: take them from Open MPI's or Slurm's
+    variables. MASTER_ADDR/MASTER_PORT must come from the user (.deepspeed_env, sbatch script);
+    under mpirun without them DeepSpeed's own MPI discovery (mpi4py) takes over."""
+    env = os.environ
+    if "OMPI_COMM_WORLD_RANK" in env:
+        rank, size = env["OMPI_COMM_WORLD_RANK"], env["OMPI_COMM_WORLD_SIZE"]
+        local_rank = env["OMPI_COMM_WORLD_LOCAL_RANK"]
+        local_size = env["OMPI_COMM_WORLD_LOCAL_SIZE"]
+    elif "SLURM_PROCID" in env and int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        rank, size = env["SLURM_PROCID"], env["SLURM_STEP_NUM_TASKS"]
+        local_rank = env["SLURM_LOCALID"]
+        per_node = re.match(r"\d+", env.get("SLURM_STEP_TASKS_PER_NODE", ""))  # "8(x2)"
+        local_size = per_node.group(0) if per_node else size
+    else:
+        return
+    if "MASTER_ADDR" not in env:
+        if _under_mpi():
+            return  # DeepSpeed's MPI discovery (mpi4py) finds rank 0's address
+        raise PtlmError("started by srun without MASTER_ADDR: export MASTER_ADDR=$(scontrol "
+                        "show hostnames \"$SLURM_JOB_NODELIST\" | head -n1) and MASTER_PORT "
+                        "before srun (see docs/multinode.md)")
+    env.setdefault("MASTER_PORT", "29500")
+    env.update(RANK=rank, WORLD_SIZE=size, LOCAL_RANK=local_rank, LOCAL_WORLD_SIZE=local_size)
+
+
 def init(local_rank_arg: int | None = None) -> Dist:
     """Initialize torch.distributed through DeepSpeed (nccl on CUDA, gloo on CPU)."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    if "RANK" not in os.environ:  # plain `python launch/train.py`: a world of one
+    if "RANK" not in os.environ:
+        _ranks_from_mpi_or_srun()
+    if "RANK" not in os.environ and not _under_mpi():  # plain `python launch/train.py`
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", local_rank_arg or 0))

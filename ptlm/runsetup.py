@@ -85,12 +85,22 @@ def check_tokenizer(cfg: RunConfig, data: PackedDataset) -> None:
                         f"{cfg.data / 'tokenizer'} or prepare the data again")
 
 
+def local_world_size(world_size: int) -> int:
+    """Ranks on this node, as the launcher says: LOCAL_WORLD_SIZE (torchrun), LOCAL_SIZE
+    (DeepSpeed's launcher and its MPICH/IMPI runners), OMPI_COMM_WORLD_LOCAL_SIZE (mpirun);
+    a launcher that says nothing means one node."""
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"):
+        if os.environ.get(key):
+            return int(os.environ[key])
+    return world_size
+
+
 def hardware(world_size: int) -> HardwareFacts:
     """This machine's facts, as the planner wants them. Without a GPU the host is the device:
     its memory split across the local ranks, no bf16 (ptlm trains fp32 on CPU)."""
     from ptlm.hardware import detect
 
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    local = local_world_size(world_size)
     nodes = max(1, world_size // max(local, 1))
     hw = detect()
     if hw.gpus_per_node > 0:

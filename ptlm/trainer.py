@@ -147,6 +147,7 @@ def setup(cfg: RunConfig) -> Run:
     loader = PackedLoader(train, setting.micro_batch, world_size=dist.world_size, rank=dist.rank,
                           global_batch=p.global_batch, seed=cfg.seed)
     steps = total_steps(cfg, loader.steps_per_epoch, p.global_batch * train.seq_len)
+    checkpoint.check_shared(cfg.out, dist)  # before any rank looks for a checkpoint there
     resume_from, universal = _resume_source(cfg, dist, setting)
     if universal:  # another number of ranks with partitioned optimizer states
         ds_config["checkpoint"] = {"load_universal": True}
