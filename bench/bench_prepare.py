@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 from datetime import date
@@ -78,13 +79,17 @@ def replicate(corpus: Path, times: int, dest: Path) -> Path:
     return dest
 
 
+REPEATS = 3  # ptlm runs: the median wall time and peak RSS (thread timing moves the peak ±5%)
+
+
 def ptlm_prepare(corpus: Path, tok: Path, seq_len: int, out: Path) -> dict:
-    r = run_measured([sys.executable, "-m", "ptlm.cli", "prepare", str(corpus), "--tokenizer",
-                      str(tok), "--seq-len", str(seq_len), "--out", str(out), "--overwrite",
-                      "--no-progress"])
+    runs = [run_measured([sys.executable, "-m", "ptlm.cli", "prepare", str(corpus),
+                          "--tokenizer", str(tok), "--seq-len", str(seq_len), "--out", str(out),
+                          "--overwrite", "--no-progress"]) for _ in range(REPEATS)]
     manifest = json.loads((out / "manifest.json").read_text())
-    r["tokens"] = manifest["tokens"]
-    return r
+    return {"wall_s": statistics.median(r["wall_s"] for r in runs),
+            "peak_rss": statistics.median(r["peak_rss"] for r in runs),
+            "tokens": manifest["tokens"], "tokenize_s": manifest["timing_s"]["tokenize"]}
 
 
 def row(name: str, r: dict, tokens: int, ref: dict | None = None) -> str:
@@ -124,11 +129,14 @@ def main() -> None:
     print(row("tokenizer alone (encode only, texts in RAM)", alone_row, alone["tokens"], ref))
     print(row(f"HF recipe (map num_proc={args.hf_num_proc} + group_texts + save_to_disk)", hf,
               hf["tokens"], ref))
-    print(row("ptlm prepare", ours, ours["tokens"], ref))
-    print(row(f"ptlm prepare, corpus ×{args.replicate}", ours_big, ours_big["tokens"], ref))
+    print(row(f"ptlm prepare (median of {REPEATS})", ours, ours["tokens"], ref))
+    print(row(f"ptlm prepare, corpus ×{args.replicate} (median of {REPEATS})", ours_big,
+              ours_big["tokens"], ref))
     tps = lambda r: r["tokens"] / r["wall_s"]
     print(f"\nptlm / HF recipe tokens/s: {tps(ours) / tps(ref):.2f}× (goal ≥ 1.0)")
-    print(f"ptlm / tokenizer alone tokens/s: {tps(ours) / tps(alone_row):.2f}× (goal ≥ 0.8)")
+    print(f"ptlm / tokenizer alone tokens/s: {tps(ours) / tps(alone_row):.2f}× on the corpus, "
+          f"{tps(ours_big) / tps(alone_row):.2f}× on it ×{args.replicate} (goal ≥ 0.8; ptlm's "
+          "figure is end-to-end wall time, process start and tokenizer load included)")
     print(f"ptlm / HF recipe peak RSS: {ours['peak_rss'] / hf['peak_rss']:.2f}× (goal ≤ 0.5)")
     print(f"ptlm peak RSS ×{args.replicate} corpus / ×1: "
           f"{ours_big['peak_rss'] / ours['peak_rss']:.3f} (goal within ±10%)")
