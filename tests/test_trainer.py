@@ -263,3 +263,25 @@ def test_missing_data_and_bad_flags_fail_clearly(tmp_path, models):
     assert "Traceback" not in r.stderr
     with pytest.raises(PtlmError, match="--epochs must be >= 1"):
         make_cfg(tmp_path, tmp_path, "x", epochs=0)
+
+
+def test_yaml_config_adamw8bit_and_linear_schedule(tmp_path, demo_dataset, models):
+    """A YAML run config (flags win), bitsandbytes AdamW8bit as DeepSpeed's client optimizer."""
+    out = tmp_path / "yaml"
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {models['opt']}\ndata: {demo_dataset}\nout: {out}\n"
+                   "from_scratch: true\nglobal_batch: 8\nmax_steps: 4\nschedule: linear\n"
+                   "lr: 0.001\nexport: false\n", encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu"}
+    r = subprocess.run([sys.executable, "launch/train.py", "--config", str(cfg), "--optimizer",
+                        "adamw8bit", "--lr", "0.002"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    saved = json.loads((out / "run_config.json").read_text())
+    assert saved["schedule"] == "linear" and saved["lr"] == 0.002  # the flag won
+    assert json.loads((out / "plan.json").read_text())["setting"]["optimizer"] == "adamw8bit"
+    assert len(losses(out)) == 4
+    cfg.write_text("modle: x\n")
+    r = subprocess.run([sys.executable, "launch/train.py", "--config", str(cfg)], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "unknown keys ['modle']" in r.stderr
