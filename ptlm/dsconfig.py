@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,10 @@ from ptlm.plan import Plan
 from ptlm.setting import Setting
 
 AUTO = "auto"
+# The templates live in the checkout's ds_configs/; an installed ptlm also finds them where
+# setup.cfg's data_files puts them (<prefix>/share/ptlm/ds_configs).
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+INSTALLED_TEMPLATES_DIR = Path(sys.prefix) / "share" / "ptlm" / "ds_configs"
 # DeepSpeed's fp16 dynamic loss scaling defaults (precision_config.py), written out explicitly.
 FP16_INITIAL_SCALE_POWER = 16
 FP16_LOSS_SCALE_WINDOW = 1000
@@ -127,8 +131,9 @@ def template_name(setting: Setting) -> str:
 def load_template(path: str | Path) -> dict:
     """A template as a dict, without its documentation keys (those starting with "_")."""
     path = Path(path)
-    if not path.is_file() and (TEMPLATES_DIR / str(path)).is_file():
-        path = TEMPLATES_DIR / str(path)
+    for folder in (TEMPLATES_DIR, INSTALLED_TEMPLATES_DIR):
+        if not path.is_file() and (folder / str(path)).is_file():
+            path = folder / str(path)
     try:
         return _strip_private(json.loads(path.read_text()))
     except (OSError, json.JSONDecodeError) as e:
