@@ -7,6 +7,7 @@ rendezvous ourselves so the same code path (a real DeepSpeed engine) runs everyw
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -114,9 +115,22 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if it is True on any rank (e.g. an OOM seen by one rank)."""
-    return all_reduce_sum([float(flag)], device)[0] > 0
+@functools.cache
+def _control_group():
+    """A gloo group for small host-side agreements: a CPU all-reduce there does not wait for the
+    GPU's queued kernels, unlike a .item() on a device tensor (created collectively, on first use
+    by every rank at the same point)."""
+    return torch.distributed.new_group(backend="gloo")
+
+
+def any_rank(flag: bool, device: torch.device | None = None) -> bool:
+    """True on every rank if it is True on any rank (e.g. an OOM seen by one rank).
+    Host-side only: it never synchronizes the GPU."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return flag
+    t = torch.tensor([float(flag)])
+    torch.distributed.all_reduce(t, group=_control_group())
+    return t.item() > 0
 
 
 def barrier() -> None:

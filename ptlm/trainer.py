@@ -280,8 +280,9 @@ def _micro_steps(run: Run) -> float:
         if run.engine.is_gradient_accumulation_boundary() and run.plan.setting.zero == 0:
             run.state_grad_norm = grad_norm(run.model)  # ZeRO-0: DeepSpeed does not keep it
         run.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-        losses.append(mean.detach().float().item())
-    total, count = all_reduce_sum([sum(losses), len(losses)], run.dist.device)
+        losses.append(mean.detach().float())  # no .item() here: it would wait for the GPU
+    total, count = all_reduce_sum([float(torch.stack(losses).sum()), len(losses)],
+                                  run.dist.device)  # one sync per optimizer step
     return total / count
 
 
