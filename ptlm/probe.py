@@ -187,11 +187,10 @@ def run(args) -> int:
     dist = init()
     gpu = runsetup.on_gpu()
     forced = setting_overrides(args)
-    precision = forced.get("precision", "bf16" if gpu else "fp32")
-    spec = runsetup.model_config_of(args.model) if args.from_scratch else args.model
-    model = load_model(spec, precision=precision)
-    p = runsetup.plan_for(args.model, model, args.seq_len, args.global_batch, forced,
+    config = runsetup.model_config_of(args.model)
+    p = runsetup.plan_for(args.model, config, args.seq_len, args.global_batch, forced,
                           dist.world_size, gpu, use_probe_cache=False)
+    model = load_model(config if args.from_scratch else args.model, precision=p.setting.precision)
     if p.setting.checkpointing:
         from ptlm.model import enable_checkpointing
 

@@ -38,9 +38,10 @@ def model_config_of(spec: str):
             from None
 
 
-def build_model(cfg: RunConfig, data: PackedDataset, precision: str):
-    """The HF model, checked against the data: positions >= seq_len, embeddings >= vocab."""
-    from ptlm.model import check_vocab, load_model, model_max_positions
+def checked_config(cfg: RunConfig, data: PackedDataset):
+    """The model's config, checked against the data (positions >= seq_len); for --from-scratch,
+    its vocabulary sized to the data's tokenizer."""
+    from ptlm.model import model_max_positions
 
     config = model_config_of(cfg.model)
     positions = model_max_positions(config)
@@ -48,15 +49,27 @@ def build_model(cfg: RunConfig, data: PackedDataset, precision: str):
         raise PtlmError(f"the data's seq_len {data.seq_len} is above the {positions} positions of "
                         f"{cfg.model}; prepare the data again with --seq-len {positions} or less")
     if cfg.from_scratch:
-        rows = -(-data.vocab_size // VOCAB_ROWS_MULTIPLE) * VOCAB_ROWS_MULTIPLE
-        config.vocab_size = rows
+        config.vocab_size = -(-data.vocab_size // VOCAB_ROWS_MULTIPLE) * VOCAB_ROWS_MULTIPLE
         _set_special_ids(config, data)
-        model = load_model(config, precision=precision)
-    else:
-        if cfg.model.lower() in KNOWN_CONFIGS:
-            raise PtlmError(f"--model {cfg.model} is a built-in config alias without weights: add "
-                            "--from-scratch, or give a hub name / folder with weights")
-        model = load_model(cfg.model, precision=precision)
+    elif cfg.model.lower() in KNOWN_CONFIGS:
+        raise PtlmError(f"--model {cfg.model} is a built-in config alias without weights: add "
+                        "--from-scratch, or give a hub name / folder with weights")
+    return config
+
+
+def build_model(cfg: RunConfig, config, data: PackedDataset, precision: str,
+                ds_config: dict | None = None):
+    """The HF model in the training precision, its embeddings large enough for the data's ids.
+    With a ZeRO-3 DeepSpeed config, transformers builds it partitioned (deepspeed.zero.Init
+    through HfDeepSpeedConfig): no rank ever holds the whole model."""
+    from ptlm.model import check_vocab, load_model
+
+    zero3 = None
+    if ds_config and ds_config.get("zero_optimization", {}).get("stage") == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        zero3 = HfDeepSpeedConfig(ds_config)  # noqa: F841 - must be alive while the model loads
+    model = load_model(config if cfg.from_scratch else cfg.model, precision=precision)
     check_vocab(model, data.vocab_size)
     return model
 
@@ -110,7 +123,7 @@ def hardware(world_size: int) -> HardwareFacts:
                          gpus_per_node=local, nodes=nodes, host_memory_bytes=host, bf16=False)
 
 
-def resolve_plan(cfg: RunConfig, model, seq_len: int, world_size: int, on_gpu: bool) -> Plan:
+def resolve_plan(cfg: RunConfig, config, seq_len: int, world_size: int, on_gpu: bool) -> Plan:
     if cfg.plan != "auto":
         p = Plan.from_dict(json.loads(open(cfg.plan).read()))
         if p.hardware.world != world_size:
@@ -120,11 +133,11 @@ def resolve_plan(cfg: RunConfig, model, seq_len: int, world_size: int, on_gpu: b
             raise PtlmError(f"--plan {cfg.plan} is for seq_len {p.job.seq_len}, the data has "
                             f"{seq_len}")
         return p
-    return plan_for(cfg.model, model, seq_len, cfg.global_batch or DEFAULT_GLOBAL_BATCH,
+    return plan_for(cfg.model, config, seq_len, cfg.global_batch or DEFAULT_GLOBAL_BATCH,
                     cfg.forced, world_size, on_gpu)
 
 
-def plan_for(spec: str, model, seq_len: int, global_batch: int, forced: dict, world_size: int,
+def plan_for(spec: str, config, seq_len: int, global_batch: int, forced: dict, world_size: int,
              on_gpu: bool, use_probe_cache: bool = True) -> Plan:
     """plan() for this machine; a micro-batch above what `ptlm probe` saw fit here is lowered."""
     from ptlm import probe
@@ -135,7 +148,7 @@ def plan_for(spec: str, model, seq_len: int, global_batch: int, forced: dict, wo
         forced.setdefault("offload", "none")
         forced.setdefault("zero", 0)
     job = Job(seq_len=seq_len, global_batch=global_batch)
-    facts = ModelFacts.from_config(model.config, name=spec)
+    facts = ModelFacts.from_config(config, name=spec)
     hw = hardware(world_size)
     p = plan(facts, hw, job, forced)
     if not use_probe_cache or "micro_batch" in forced:

@@ -134,16 +134,13 @@ def setup(cfg: RunConfig) -> Run:
         log.info("overfit check: training and evaluating on the first %d documents (%d blocks)",
                  cfg.overfit_docs, n)
     gpu = runsetup.on_gpu()
-    forced_precision = cfg.forced.get("precision", "bf16" if gpu else "fp32")
-    model = runsetup.build_model(cfg, train, forced_precision)
-    p = runsetup.resolve_plan(cfg, model, train.seq_len, dist.world_size, gpu)
+    config = runsetup.checked_config(cfg, train)
+    p = runsetup.resolve_plan(cfg, config, train.seq_len, dist.world_size, gpu)
     setting = p.setting
-    if setting.precision != forced_precision:  # the plan chose another dtype: load it so
-        model = model.to({"bf16": torch.bfloat16, "fp16": torch.float16,
-                          "fp32": torch.float32}[setting.precision])
+    ds_config, hyper = runsetup.deepspeed_config(cfg, p)
+    model = runsetup.build_model(cfg, config, train, setting.precision, ds_config)
     if setting.checkpointing:
         enable_checkpointing(model)
-    ds_config, hyper = runsetup.deepspeed_config(cfg, p)
     loader = PackedLoader(train, setting.micro_batch, world_size=dist.world_size, rank=dist.rank,
                           global_batch=p.global_batch, seed=cfg.seed)
     steps = total_steps(cfg, loader.steps_per_epoch, p.global_batch * train.seq_len)

@@ -42,9 +42,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train(data, out, model, *extra, ranks=1, check=True):
-    args = ["launch/train.py", "--model", str(model), "--from-scratch", "--data", str(data),
-            "--out", str(out), "--lr", "3e-3", "--seed", "0", *map(str, extra)]
+def train(data, out, model, *extra, ranks=1, check=True, scratch=True):
+    args = ["launch/train.py", "--model", str(model), *(["--from-scratch"] if scratch else []),
+            "--data", str(data), "--out", str(out), "--lr", "3e-3", "--seed", "0",
+            *map(str, extra)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu",
            "OMP_NUM_THREADS": "1"}
     if ranks == 1:
@@ -128,13 +129,21 @@ def test_one_rank_trains_evaluates_exports_and_reports(one_rank_opt, demo_datase
     assert "auto" not in json.dumps(ds)
 
 
-def test_two_ranks_zero3_match_one_rank_step_by_step(tmp_path, demo_dataset, models,
-                                                      one_rank_opt):
-    out = tmp_path / "z3"
-    train(demo_dataset, out, models["opt"], "--global-batch", 8, "--micro-batch", 2,
-          "--zero", 3, ranks=2)
+def test_two_ranks_zero3_match_one_rank_step_by_step(tmp_path, demo_dataset, models):
+    """A saved model (weights on disk) loaded partitioned by ZeRO-3 (zero.Init through
+    HfDeepSpeedConfig) trains exactly like the same model on one rank."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    weights = tmp_path / "weights"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(models["opt"])).save_pretrained(
+        weights)
+    one, out = tmp_path / "one", tmp_path / "z3"
+    train(demo_dataset, one, weights, "--global-batch", 8, "--micro-batch", 8, scratch=False)
+    train(demo_dataset, out, weights, "--global-batch", 8, "--micro-batch", 2, "--zero", 3,
+          ranks=2, scratch=False)
     check_finished_run(out, demo_dataset)
-    assert losses(out) == pytest.approx(losses(one_rank_opt), rel=1e-4)
+    assert losses(out) == pytest.approx(losses(one), rel=1e-4)
     assert all(r["micro_batch"] == 2 for r in records(out, "train"))  # 2 x 2 ranks x accum 2
 
 
@@ -222,12 +231,11 @@ def make_cfg(data, out, model, **kw):
 
 def test_seq_len_above_positions_fails_before_training(tmp_path, demo_dataset):
     from ptlm.data import PackedDataset
-    from ptlm.runsetup import build_model
+    from ptlm.runsetup import checked_config
 
     model = tiny_model(tmp_path / "short", positions=32)  # the data's blocks are 64 tokens
     with pytest.raises(PtlmError, match="seq_len 64 is above the 32 positions"):
-        build_model(make_cfg(demo_dataset, tmp_path / "o", model),
-                    PackedDataset(demo_dataset), "fp32")
+        checked_config(make_cfg(demo_dataset, tmp_path / "o", model), PackedDataset(demo_dataset))
 
 
 def test_tokenizer_mismatch_fails(tmp_path, demo_dataset, shared_gpt2_tokenizer):
@@ -245,7 +253,7 @@ def test_pretrained_model_with_a_smaller_vocab_is_resized(tmp_path, demo_dataset
     from transformers import OPTConfig, OPTForCausalLM
 
     from ptlm.data import PackedDataset
-    from ptlm.runsetup import build_model
+    from ptlm.runsetup import build_model, checked_config
 
     small = tmp_path / "small"
     OPTForCausalLM(OPTConfig(vocab_size=500, hidden_size=32, num_hidden_layers=1, ffn_dim=64,
@@ -253,7 +261,8 @@ def test_pretrained_model_with_a_smaller_vocab_is_resized(tmp_path, demo_dataset
                              word_embed_proj_dim=32)).save_pretrained(small)
     cfg = make_cfg(demo_dataset, tmp_path / "o", small)
     cfg.from_scratch = False
-    model = build_model(cfg, PackedDataset(demo_dataset), "fp32")
+    data = PackedDataset(demo_dataset)
+    model = build_model(cfg, checked_config(cfg, data), data, "fp32")
     assert model.get_input_embeddings().weight.shape[0] >= 1024
 
 
