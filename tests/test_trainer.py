@@ -294,3 +294,17 @@ def test_yaml_config_adamw8bit_and_linear_schedule(tmp_path, demo_dataset, model
     r = subprocess.run([sys.executable, "launch/train.py", "--config", str(cfg)], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "unknown keys ['modle']" in r.stderr
+
+
+def test_ds_config_template_is_filled_from_the_plan_or_refused(tmp_path, demo_dataset, models):
+    out = tmp_path / "tpl"
+    train(demo_dataset, out, models["opt"], "--ds-config", "zero0.json", "--global-batch", 8,
+          "--max-steps", 2, "--no-export")
+    ds = json.loads((out / "ds_config.json").read_text())
+    assert "auto" not in json.dumps(ds) and ds["train_batch_size"] == 8
+    assert ds["zero_optimization"]["stage"] == 0
+    # a template that contradicts the forced plan (ZeRO-3 template, --zero 2) stops before training
+    r = train(demo_dataset, tmp_path / "bad", models["opt"], "--ds-config", "zero3.json",
+              "--zero", 2, "--max-steps", 2, check=False)
+    assert r.returncode == 2 and "zero_optimization.stage" in r.stderr
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()
