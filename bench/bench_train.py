@@ -21,7 +21,10 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import ROOT, SHARED, machine, run_measured  # noqa: E402
+
+from ptlm.distributed import free_port  # noqa: E402
 
 WARMUP = 2
 SMALL_OPT = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, ffn_dim=1024,
@@ -63,14 +66,6 @@ Trainer(model=model, args=args, train_dataset=train, data_collator=default_data_
 peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
 print(json.dumps({"step_times": times, "peak_cuda": peak}))
 """
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ptlm_run(model: str, from_scratch: bool, data: Path, out: Path, args,

@@ -34,7 +34,8 @@ class Dist:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on this host (single-process rendezvous, tests, benchmarks)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -80,7 +81,7 @@ def init(local_rank_arg: int | None = None) -> Dist:
         _ranks_from_mpi_or_srun()
     if "RANK" not in os.environ and not _under_mpi():  # plain `python launch/train.py`
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", local_rank_arg or 0))
     accel = get_accelerator()
     if not torch.distributed.is_initialized():

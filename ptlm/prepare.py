@@ -233,17 +233,10 @@ def pack_split(stream_path: Path, dtype, lengths: np.ndarray, mask: np.ndarray,
 # ------------------------------------------------------------------------------ the command
 
 def _model_positions(spec: str) -> int | None:
-    from transformers import AutoConfig  # only when --model is given
+    from ptlm.model import model_max_positions  # torch and transformers: only with --model
+    from ptlm.runsetup import model_config_of
 
-    try:
-        cfg = AutoConfig.from_pretrained(spec)
-    except Exception as e:
-        raise PtlmError(f"--model {spec}: cannot read its config ({type(e).__name__}: {e})") \
-            from None
-    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
-        if isinstance(getattr(cfg, key, None), int):
-            return getattr(cfg, key)
-    return None
+    return model_max_positions(model_config_of(spec))
 
 
 def _check_seq_len(cfg: PrepareConfig, info: toks.TokenizerInfo) -> None:

@@ -114,20 +114,21 @@ class Trials:
         from ptlm.distributed import any_rank
 
         oom = False
+        predicted = self.predicted(micro)
         try:
-            peak = self._steps(micro)
+            peak = self._steps(micro, predicted)
         except torch.OutOfMemoryError:
             oom, peak = True, None
         self._free()
         oom = any_rank(oom, self.dist.device)
         self.results[micro] = {"fits": not oom, **(peak or {}),
-                               "predicted_bytes": self.predicted(micro)}
+                               "predicted_bytes": predicted}
         log.info("micro-batch %d: %s%s", micro, "out of memory" if oom else "fits",
                  f", max allocated {peak['max_allocated'] / 2**30:.2f} GiB" if peak and
                  peak.get("max_allocated") else "")
         return not oom
 
-    def _steps(self, micro: int) -> dict:
+    def _steps(self, micro: int, predicted: int) -> dict:
         engine = self.engine
         per_gpu = self.plan.global_batch // self.dist.world_size
         accum = min(per_gpu // micro, 2)  # 2 micro-steps show the accumulation's held grads
@@ -141,7 +142,7 @@ class Trials:
                 mean, _, _ = engine(ids)
                 engine.backward(mean)
                 engine.step()
-        if self.simulate_bytes is not None and self.predicted(micro) > self.simulate_bytes:
+        if self.simulate_bytes is not None and predicted > self.simulate_bytes:
             raise torch.OutOfMemoryError(f"simulated: predicted peak above "
                                          f"{self.simulate_bytes} bytes")
         if torch.cuda.is_available():

@@ -424,8 +424,7 @@ def finish(run: Run) -> dict:
 
     s = run.state
     if not s.epochs or s.epochs[-1]["step"] != s.step:  # stopped mid-epoch (max steps/tokens)
-        res = run_eval(run, "final")
-        s.last_eval = {"val_loss": res.loss, "val_ppl": res.ppl, "step": s.step}
+        run_eval(run, "final")
         save(run)
     if run.cfg.export:
         export_hf(run.model, run.cfg.out / EXPORT_DIR, run.val.tokenizer_path, run.dist,

@@ -30,8 +30,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from ptlm.distributed import free_port
 from tests.conftest import ROOT
-from tests.test_trainer import free_port, losses, records, tiny_model
+from tests.test_trainer import losses, records, tiny_model
 
 STEPS = 6
 SAVE_EVERY = 3

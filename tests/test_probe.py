@@ -8,7 +8,8 @@ import pytest
 from ptlm import probe
 from ptlm.setting import Setting
 from tests.conftest import ROOT
-from tests.test_trainer import free_port, tiny_model
+from ptlm.distributed import free_port
+from tests.test_trainer import tiny_model
 
 
 class Device:

@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from ptlm.distributed import free_port
 from ptlm.errors import PtlmError
 from tests.conftest import ROOT
 
@@ -34,12 +34,6 @@ def tiny_model(path, arch="opt", dropout=0.0, positions=TINY["positions"]):
                          embd_pdrop=dropout, attn_pdrop=0.0)
     cfg.save_pretrained(path)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train(data, out, model, *extra, ranks=1, check=True, scratch=True):
