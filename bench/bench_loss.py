@@ -29,9 +29,9 @@ from transformers import OPTConfig
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
-from ptlm.loss import IGNORE_INDEX, lm_head_loss  # noqa: E402
-from ptlm.memtrace import measure_step  # noqa: E402
-from ptlm.setting import PLAIN_HF, Setting  # noqa: E402
+from ptlm.model.loss import IGNORE_INDEX, lm_head_loss  # noqa: E402
+from ptlm.plan.setting import PLAIN_HF, Setting  # noqa: E402
+from ptlm.run.memtrace import measure_step  # noqa: E402
 
 GiB = 2**30
 HIDDEN, VOCAB = 768, 50272  # OPT-125M

@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ptlm.setting import Setting  # noqa: E402
+from ptlm.plan.setting import Setting  # noqa: E402
 
 GiB = 2**30
 TOLERANCE = 0.10
@@ -47,9 +47,10 @@ GRID = [
 
 def measure(alias: str, seq_len: int, setting: Setting) -> tuple[int, int]:
     """(predicted peak tensor bytes, measured peak bytes)."""
-    from ptlm.facts import KNOWN_GPUS, HardwareFacts, ModelFacts, known_config
-    from ptlm.memory import Job, estimate
-    from ptlm.memtrace import measure_step
+    from ptlm.model.config import known_config
+    from ptlm.plan.facts import KNOWN_GPUS, HardwareFacts, ModelFacts
+    from ptlm.plan.memory import Job, estimate
+    from ptlm.run.memtrace import measure_step
 
     config = known_config(alias)
     hw = HardwareFacts.from_spec(KNOWN_GPUS["H100-80GB"])  # GPU size does not enter the tensors
@@ -59,15 +60,16 @@ def measure(alias: str, seq_len: int, setting: Setting) -> tuple[int, int]:
 
 
 def headline() -> list[str]:
-    from ptlm.facts import KNOWN_GPUS, HardwareFacts, from_pretrained_config, known_config
-    from ptlm.memory import Job
-    from ptlm.memtrace import measure_step
-    from ptlm.plan import plan
-    from ptlm.setting import PLAIN_HF
+    from ptlm.model.config import known_config, model_facts
+    from ptlm.plan.facts import KNOWN_GPUS, HardwareFacts
+    from ptlm.plan.memory import Job
+    from ptlm.plan.planner import plan
+    from ptlm.plan.setting import PLAIN_HF
+    from ptlm.run.memtrace import measure_step
 
     config = known_config("opt-125m")
     t4 = HardwareFacts.from_spec(KNOWN_GPUS["T4"])
-    p = plan(from_pretrained_config("opt-125m"), t4, Job(1024, 16))
+    p = plan(model_facts("opt-125m"), t4, Job(1024, 16))
     plain = measure_step(config, PLAIN_HF.with_(micro_batch=16), 1024)["peak_bytes"]
     ours = measure_step(config, p.setting, 1024)["peak_bytes"]
     return ["| OPT-125M, seq 1024, batch 16 | setting | measured peak tensors |", "|---|---|---|",

@@ -50,7 +50,7 @@ def main() -> None:
         import datasets
         import torch
 
-        from ptlm.data import PackedDataset, PackedLoader
+        from ptlm.data.reader import PackedDataset, PackedLoader
 
         torch.set_num_threads(1)
         ds = PackedDataset(tmp / "ptlm", "train")

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import ROOT, SHARED, machine, run_measured  # noqa: E402
 
-from ptlm.distributed import free_port  # noqa: E402
+from ptlm.run.distributed import free_port  # noqa: E402
 
 WARMUP = 2
 SMALL_OPT = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, ffn_dim=1024,
@@ -37,7 +37,7 @@ from transformers import (AutoModelForCausalLM, AutoConfig, Trainer, TrainingArg
                           TrainerCallback, default_data_collator)
 import datasets
 sys.path.insert(0, sys.argv[5])
-from ptlm.data import PackedDataset
+from ptlm.data.reader import PackedDataset
 model_dir, data_dir, ds_config, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 cfg = json.load(open(ds_config))
 blocks = PackedDataset(data_dir, "train")

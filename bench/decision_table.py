@@ -15,10 +15,11 @@ import argparse
 from dataclasses import dataclass
 
 from ptlm.errors import PtlmError
-from ptlm.facts import GiB, KNOWN_GPUS, HardwareFacts, from_pretrained_config, known_config
-from ptlm.memory import PRECISION_BYTES, Job, estimate
-from ptlm.plan import plan
-from ptlm.setting import PLAIN_HF, Setting
+from ptlm.model.config import known_config, model_facts
+from ptlm.plan.facts import KNOWN_GPUS, GiB, HardwareFacts
+from ptlm.plan.memory import PRECISION_BYTES, Job, estimate
+from ptlm.plan.planner import plan
+from ptlm.plan.setting import PLAIN_HF, Setting
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ HEADER = ("| model | GPUs (host RAM) | global batch | chosen setting | micro × 
 
 
 def row(case: Case, seq_len: int) -> str:
-    model = from_pretrained_config(case.model)
+    model = model_facts(case.model)
     hw = HardwareFacts.from_spec(KNOWN_GPUS[case.gpu], case.gpus,
                                  host_memory_bytes=case.host_gib * GiB)
     where = f"{case.gpus}× {case.gpu} ({case.host_gib} GiB)"
@@ -62,7 +63,7 @@ def row(case: Case, seq_len: int) -> str:
             f" | {c.tokens_per_s:,.0f} ({c.mfu:.0%}) |")
 
 
-# Plain-HF OPT-125M peaks measured for /work/shared/notes/reference-figures.md (fp32, AdamW, SDPA;
+# Plain-HF OPT-125M peaks measured for docs/reference-figures.md (fp32, AdamW, SDPA;
 # that loop kept the model outputs alive through backward): (seq, micro-batch, checkpointing, GiB).
 REFERENCE_PEAKS = [(1024, 16, False, 21.65), (1024, 16, True, 14.33), (1024, 4, False, 6.46),
                    (2048, 4, False, 11.53)]
@@ -82,9 +83,9 @@ CUDA_MASK_BYTES = 1  # CUDA saves dropout masks as bool; CPU (memtrace) in the a
 
 
 def calibration() -> None:
-    from ptlm.memtrace import measure_step
+    from ptlm.run.memtrace import measure_step
 
-    model, cfg = from_pretrained_config("opt-125m"), known_config("opt-125m")
+    model, cfg = model_facts("opt-125m"), known_config("opt-125m")
     hw = HardwareFacts.from_spec(KNOWN_GPUS["H100-80GB"])
     print("Reference figures (plain HF loop holding its outputs: Job(keep_outputs=True))\n")
     print("| seq × micro-batch | checkpointing | measured GiB | estimate GiB | diff |\n|---|---|---|---|---|")

@@ -1,6 +1,6 @@
 """ptlm: fine-tune or continue pretraining causal LMs on the GPUs you have.
 
-Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`.
+Each subcommand lives in its own module, ptlm/commands/NAME.py, exposing `add_arguments(parser)` and `run(args) -> int`.
 Only the invoked command's module is imported, so `ptlm prepare` never pays for importing
 torch/transformers/deepspeed (it keeps prepare's resident memory small).
 """
@@ -15,17 +15,17 @@ import sys
 from ptlm import __version__
 from ptlm.errors import PtlmError
 
-# name -> (module, one-line help). Add a command by adding a row.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "prepare": ("ptlm.prepare", "tokenize, pack and shard a corpus into Arrow files"),
-    "inspect": ("ptlm.inspect", "summarize a prepared dataset and decode its first blocks"),
-    "verify": ("ptlm.inspect", "check every shard's sha256 against the manifest"),
-    "probe": ("ptlm.probe", "confirm a plan with real steps: largest micro-batch that fits"),
-    "train": ("ptlm.trainer", "train with DeepSpeed (same as `deepspeed launch/train.py`)"),
-    "eval": ("ptlm.evaluate", "validation loss and perplexity of a model on prepared data or text"),
-    "generate": ("ptlm.generate", "continue a prompt with a trained model"),
-    "demo": ("ptlm.demo", "run the built-in demo on the shipped Portuguese sample"),
-    "plan": ("ptlm.plan_cli", "choose precision/ZeRO/offload/checkpointing/micro-batch that fit"),
+# name -> one-line help; the code is ptlm/commands/NAME.py. Add a command by adding a row.
+COMMANDS: dict[str, str] = {
+    "prepare": "tokenize, pack and shard a corpus into Arrow files",
+    "inspect": "summarize a prepared dataset and decode its first blocks",
+    "verify": "check every shard's sha256 against the manifest",
+    "plan": "choose precision/ZeRO/offload/checkpointing/micro-batch that fit",
+    "probe": "confirm a plan with real steps: largest micro-batch that fits",
+    "train": "train with DeepSpeed (same as `deepspeed launch/train.py`)",
+    "eval": "validation loss and perplexity of a model on prepared data or text",
+    "generate": "continue a prompt with a trained model",
+    "demo": "run the built-in demo on the shipped Portuguese sample",
 }
 
 
@@ -33,13 +33,12 @@ def _build_parser(command: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptlm", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"ptlm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
+    for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == command:
-            mod = importlib.import_module(module)
-            add = getattr(mod, f"add_{name}_arguments", None) or mod.add_arguments
-            add(p)
-            p.set_defaults(_run=getattr(mod, f"run_{name}", None) or mod.run)
+            mod = importlib.import_module(f"ptlm.commands.{name}")
+            mod.add_arguments(p)
+            p.set_defaults(_run=mod.run)
     return parser
 
 

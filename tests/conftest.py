@@ -58,7 +58,7 @@ def demo_docs() -> list[str]:
 @pytest.fixture(scope="session")
 def demo_tokenizer(tmp_path_factory, demo_docs) -> Path:
     """A real byte-level BPE trained on the shipped demo corpus (fast: well under a second)."""
-    from ptlm import tokenizer as toks
+    from ptlm.data import tokenizer as toks
 
     dest = tmp_path_factory.mktemp("demo_tok")
     toks.train_bpe(demo_docs, 1024, dest)
@@ -68,7 +68,7 @@ def demo_tokenizer(tmp_path_factory, demo_docs) -> Path:
 @pytest.fixture(scope="session")
 def demo_dataset(tmp_path_factory, demo_tokenizer) -> Path:
     """The demo corpus prepared at seq_len 64 (session-scoped: tests must not modify it)."""
-    from ptlm.prepare import PrepareConfig, prepare
+    from ptlm.data.prepare import PrepareConfig, prepare
 
     out = tmp_path_factory.mktemp("demo_ds") / "data"
     prepare(PrepareConfig(sources=[str(DEMO_CORPUS)], out=out, seq_len=64,

@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from ptlm.data import (PackedDataset, PackedLoader, epoch_length, epoch_order, eval_slice,
-                       rank_positions)
+from ptlm.data.reader import (
+    PackedDataset,
+    PackedLoader,
+    epoch_length,
+    epoch_order,
+    eval_slice,
+    rank_positions,
+)
 from ptlm.errors import PtlmError
 
 
@@ -128,7 +134,7 @@ def rss_anon_kib() -> int:
 
 
 def test_iterating_a_split_adds_little_resident_memory(tmp_path):
-    from ptlm.shards import ShardWriter, write_json_atomic
+    from ptlm.data.shards import ShardWriter, write_json_atomic
 
     n, T = 20_000, 1024  # 40 MB of uint16 tokens on disk
     w = ShardWriter(tmp_path, "train", T, np.uint16, shard_bytes=8 * 2**20)

@@ -7,14 +7,15 @@ import json
 
 import pytest
 
-from ptlm import dsconfig
 from ptlm.errors import PtlmError
-from ptlm.facts import GiB, KNOWN_GPUS, HardwareFacts, from_pretrained_config
-from ptlm.memory import Job
-from ptlm.plan import plan
+from ptlm.model.config import model_facts
+from ptlm.plan import dsconfig
+from ptlm.plan.facts import KNOWN_GPUS, GiB, HardwareFacts
+from ptlm.plan.memory import Job
+from ptlm.plan.planner import plan
 
-OPT125 = from_pretrained_config("opt-125m")
-OPT13 = from_pretrained_config("opt-1.3b")
+OPT125 = model_facts("opt-125m")
+OPT13 = model_facts("opt-1.3b")
 ALL_TEMPLATES = ["zero0.json", "zero1.json", "zero2.json", "zero2_offload.json", "zero3.json",
                  "zero3_offload.json"]
 

@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from ptlm.data import PackedDataset
-from ptlm.evaluate import evaluate_blocks, evaluate_text, model_forward
+from ptlm.data.reader import PackedDataset
+from ptlm.run.evaluate import evaluate_blocks, evaluate_text, model_forward
 from tests.conftest import ROOT
 
 

@@ -7,8 +7,16 @@ import torch
 import transformers
 
 from ptlm.errors import PtlmError
-from ptlm.facts import (GiB, KNOWN_CONFIGS, KNOWN_GPUS, HardwareFacts, ModelFacts,
-                        from_pretrained_config, known_config, lookup_gpu, parse_size)
+from ptlm.model.config import known_config, model_facts
+from ptlm.units import parse_size
+from ptlm.plan.facts import (
+    KNOWN_CONFIGS,
+    KNOWN_GPUS,
+    GiB,
+    HardwareFacts,
+    ModelFacts,
+    lookup_gpu,
+)
 
 
 def meta_model(cfg):
@@ -70,7 +78,7 @@ def test_counts_match_real_model(name):
 @pytest.mark.parametrize("alias", sorted(KNOWN_CONFIGS))
 def test_known_configs_match_real_models(alias):
     cfg = known_config(alias)
-    facts = from_pretrained_config(alias)
+    facts = model_facts(alias)
     want = counted(meta_model(cfg))
     assert {k: getattr(facts, k) for k in want} == want
     assert facts.layers == cfg.num_hidden_layers
@@ -93,14 +101,14 @@ def test_opt_125m_shape():
 def test_local_folder_and_config_json(tmp_path):
     cfg = SMALL_CONFIGS["llama-gqa"]
     cfg.save_pretrained(tmp_path)
-    by_folder = from_pretrained_config(str(tmp_path))
-    by_file = from_pretrained_config(str(tmp_path / "config.json"))
+    by_folder = model_facts(str(tmp_path))
+    by_file = model_facts(str(tmp_path / "config.json"))
     assert by_folder.parameters == by_file.parameters == counted(meta_model(cfg))["parameters"]
 
 
 def test_unreadable_model_says_what_to_pass(tmp_path):
     with pytest.raises(PtlmError, match="opt-125m"):
-        from_pretrained_config(str(tmp_path / "missing"))
+        model_facts(str(tmp_path / "missing"))
 
 
 def test_unsupported_model_type():
@@ -167,7 +175,7 @@ def test_hardware_validation_and_world():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
 def test_detect_without_gpu():
-    from ptlm.hardware import detect
+    from ptlm.run.hardware import detect
 
     hw = detect()
     assert hw.gpus_per_node == 0

@@ -17,9 +17,14 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from transformers import GPT2Config, OPTConfig
 
 from ptlm.errors import PtlmError
-from ptlm.loss import (IGNORE_INDEX, causal_lm_loss, check_chunkable, check_chunked_loss,
-                       lm_head_loss)
-from ptlm.model import load_model
+from ptlm.model.load import load_model
+from ptlm.model.loss import (
+    IGNORE_INDEX,
+    causal_lm_loss,
+    check_chunkable,
+    check_chunked_loss,
+    lm_head_loss,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 300
@@ -218,8 +223,8 @@ def test_peak_memory_far_below_full_logits():
 ZERO3_SCRIPT = textwrap.dedent("""
     import os, torch, deepspeed
     from transformers import OPTConfig
-    from ptlm.loss import causal_lm_loss
-    from ptlm.model import load_model
+    from ptlm.model.loss import causal_lm_loss
+    from ptlm.model.load import load_model
     config = OPTConfig(vocab_size=500, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
                        num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
                        dropout=0.0)

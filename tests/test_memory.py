@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import transformers
 
-from ptlm import memory
 from ptlm.errors import PtlmError
-from ptlm.facts import GiB, KNOWN_GPUS, HardwareFacts, ModelFacts, from_pretrained_config
-from ptlm.memory import Job, estimate
-from ptlm.setting import PLAIN_HF, Setting
+from ptlm.model.config import model_facts
+from ptlm.plan import memory
+from ptlm.plan.facts import KNOWN_GPUS, GiB, HardwareFacts, ModelFacts
+from ptlm.plan.memory import Job, estimate
+from ptlm.plan.setting import PLAIN_HF, Setting
 
-OPT125 = from_pretrained_config("opt-125m")
+OPT125 = model_facts("opt-125m")
 H100 = HardwareFacts.from_spec(KNOWN_GPUS["H100-80GB"])
 
 
@@ -20,7 +21,7 @@ def gib(n: int) -> float:
 
 
 # Measured plain-HF peaks, OPT-125M fp32 AdamW SDPA (FakeTensorMode + MemTracker, steady state):
-# /work/shared/notes/reference-figures.md. That loop kept the model outputs through backward.
+# docs/reference-figures.md. That loop kept the model outputs through backward.
 REFERENCE_PEAKS_GIB = [  # (seq, micro-batch, HF checkpointing, measured GiB)
     (1024, 16, False, 21.65),
     (1024, 16, True, 14.33),
@@ -69,7 +70,7 @@ def test_checkpointing_keeps_one_hidden_state_per_layer():
 
 
 def test_chunked_loss_chunk_matches_loss_module():
-    from ptlm import loss
+    from ptlm.model import loss
 
     assert memory.LOSS_LOGITS_CHUNK_BYTES == loss.LOGITS_CHUNK_BYTES
     assert memory.loss_chunk_rows(OPT125, Job(1024)) == loss.default_chunk_size(OPT125.vocab)
@@ -90,7 +91,9 @@ def test_chunked_loss_is_flat_in_batch_while_full_logits_grow():
 # --- DeepSpeed's estimators (pure functions of plain numbers), fp16 mixed-precision Adam --------
 
 def ds_zero2(total, gpus, offload):
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import (
+        estimate_zero2_model_states_mem_needs,
+    )
 
     return estimate_zero2_model_states_mem_needs(total, num_gpus_per_node=gpus, num_nodes=1,
                                                  cpu_offload=offload)
@@ -113,7 +116,7 @@ def at(gpus: int) -> HardwareFacts:
 @pytest.mark.parametrize("gpus", [1, 2, 8])
 @pytest.mark.parametrize("offload", [False, True])
 def test_zero2_matches_deepspeed_estimator(model_alias, gpus, offload):
-    model = from_pretrained_config(model_alias)
+    model = model_facts(model_alias)
     setting = Setting(precision="fp16", zero=2, offload="optimizer" if offload else "none")
     mem = estimate(model, at(gpus), Job(1024), setting)
     cpu, gpu = ds_zero2(model.parameters, gpus, offload)
@@ -134,7 +137,7 @@ def test_zero3_matches_deepspeed_estimator(model_alias, gpus, offload):
     (stage3.py grad_partitions_flat_buffer, 2 bytes/param/N on the GPU, or on the host with
     optimizer offload), which its ZeRO-2 estimator counts; we add it back before comparing.
     (Ψ/N stays under our sub_group_size, where DeepSpeed's 4 bytes/param fp32 grads hold.)"""
-    model = from_pretrained_config(model_alias)
+    model = model_facts(model_alias)
     psi = model.parameters
     assert psi // gpus <= memory.ZERO3_SUB_GROUP_ELEMENTS
     mem = estimate(model, at(gpus), Job(1024), Setting(precision="fp16", zero=3, offload=offload))
@@ -154,7 +157,7 @@ def test_zero_stages_shrink_per_gpu_states():
 
 
 def test_offload_moves_states_to_host():
-    model = from_pretrained_config("opt-1.3b")
+    model = model_facts("opt-1.3b")
     base = Setting(precision="bf16", zero=3)
     none, opt, params = (estimate(model, at(1), Job(1024), base.with_(offload=o))
                          for o in ("none", "optimizer", "parameters"))
@@ -180,7 +183,7 @@ def test_peak_grows_with_micro_batch():
 
 def test_step_peak_can_dominate():
     """Small batch, big model: the optimizer step (fp32 grads) is the peak, not the forward."""
-    model = from_pretrained_config("opt-1.3b")
+    model = model_facts("opt-1.3b")
     mem = estimate(model, H100, Job(128), Setting(precision="bf16", checkpointing=True))
     assert mem.peak_phase == "optimizer step"
     assert mem.peak_tensor_bytes == mem.step_peak
@@ -222,7 +225,7 @@ MEMTRACE_CASES = [
 
 @pytest.mark.parametrize("setting", MEMTRACE_CASES, ids=lambda s: s.describe())
 def test_estimate_matches_memtrace(setting):
-    memtrace = pytest.importorskip("ptlm.memtrace")
+    memtrace = pytest.importorskip("ptlm.run.memtrace")
     cfg = small_opt()
     measured = memtrace.measure_step(cfg, setting, seq_len=256)["peak_bytes"]
     predicted = estimate(ModelFacts.from_config(cfg), H100, Job(256), setting).peak_tensor_bytes
@@ -241,8 +244,8 @@ OPT125_MEMTRACE = [  # the decision-relevant settings at the size the planner se
 @pytest.mark.slow
 @pytest.mark.parametrize("setting", OPT125_MEMTRACE, ids=lambda s: s.describe())
 def test_opt125m_estimate_matches_memtrace(setting):
-    memtrace = pytest.importorskip("ptlm.memtrace")
-    from ptlm.facts import known_config
+    memtrace = pytest.importorskip("ptlm.run.memtrace")
+    from ptlm.model.config import known_config
 
     measured = memtrace.measure_step(known_config("opt-125m"), setting, seq_len=1024)["peak_bytes"]
     predicted = estimate(OPT125, H100, Job(1024), setting).peak_tensor_bytes

@@ -14,8 +14,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers import AutoModelForCausalLM, GPT2Config, OPTConfig
 
 from ptlm.errors import PtlmError
-from ptlm.memtrace import measure_step
-from ptlm.setting import PLAIN_HF, Setting
+from ptlm.plan.setting import PLAIN_HF, Setting
+from ptlm.run.memtrace import measure_step
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
@@ -109,11 +109,11 @@ DEEPSPEED_SCRIPT = textwrap.dedent("""
     import json, sys, torch, deepspeed
     from torch.distributed._tools.mem_tracker import MemTracker
     from transformers import OPTConfig
-    from ptlm.loss import causal_lm_loss
-    from ptlm.memtrace import measure_step
-    from ptlm.model import load_model
-    from ptlm.optim import build_optimizer
-    from ptlm.setting import Setting
+    from ptlm.model.loss import causal_lm_loss
+    from ptlm.run.memtrace import measure_step
+    from ptlm.model.load import load_model
+    from ptlm.model.optim import build_optimizer
+    from ptlm.plan.setting import Setting
     precision, batch, seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     config = OPTConfig(vocab_size=5000, hidden_size=128, ffn_dim=512, num_hidden_layers=2,
                        num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=128)

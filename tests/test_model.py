@@ -10,8 +10,13 @@ import torch
 from transformers import GPT2Config, OPTConfig, PretrainedConfig
 
 from ptlm.errors import PtlmError
-from ptlm.model import (check_vocab, enable_checkpointing, load_model, model_max_positions,
-                        restore_use_cache)
+from ptlm.model.config import max_positions
+from ptlm.model.load import (
+    check_vocab,
+    enable_checkpointing,
+    load_model,
+    restore_use_cache,
+)
 
 VOCAB = 512
 
@@ -50,7 +55,7 @@ def test_folder_with_only_pickled_weights_loads_with_a_warning(tmp_path, caplog)
     model = load_model(tiny_opt(), "fp32")
     model.config.save_pretrained(tmp_path)
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
-    with caplog.at_level(logging.WARNING, logger="ptlm.model"):
+    with caplog.at_level(logging.WARNING, logger="ptlm.model.load"):
         loaded = load_model(tmp_path, "fp32")
     assert "no safetensors" in caplog.text
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
@@ -108,10 +113,10 @@ def test_checkpointing_refused_for_models_without_support():
         enable_checkpointing(model)
 
 
-def test_model_max_positions():
-    assert model_max_positions(tiny_opt(max_position_embeddings=2048)) == 2048
-    assert model_max_positions(GPT2Config(n_positions=1024)) == 1024
-    assert model_max_positions(PretrainedConfig()) is None  # says nothing about positions
+def test_max_positions():
+    assert max_positions(tiny_opt(max_position_embeddings=2048)) == 2048
+    assert max_positions(GPT2Config(n_positions=1024)) == 1024
+    assert max_positions(PretrainedConfig()) is None  # says nothing about positions
 
 
 def test_check_vocab_leaves_a_large_enough_table_alone():

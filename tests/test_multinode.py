@@ -30,7 +30,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ptlm.distributed import free_port
+from ptlm.run.distributed import free_port
 from tests.conftest import ROOT
 from tests.test_trainer import losses, records, tiny_model
 

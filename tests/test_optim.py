@@ -10,9 +10,9 @@ import torch
 from transformers import OPTConfig
 
 from ptlm.errors import PtlmError
-from ptlm.model import load_model
-from ptlm.optim import build_optimizer, param_groups
-from ptlm.setting import Setting
+from ptlm.model.load import load_model
+from ptlm.model.optim import build_optimizer, param_groups
+from ptlm.plan.setting import Setting
 
 LR, WEIGHT_DECAY = 1e-3, 0.1
 
@@ -95,7 +95,7 @@ def test_offload_returns_none_when_cpu_adam_cannot_be_built(model, monkeypatch, 
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_cpu_adam)
-    with caplog.at_level(logging.WARNING, logger="ptlm.optim"):
+    with caplog.at_level(logging.WARNING, logger="ptlm.model.optim"):
         optimizer = build_optimizer(Setting(zero=2, offload="optimizer"), model.named_parameters(), LR)
     assert optimizer is None
     assert "CPU Adam could not be built" in caplog.text

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
+from ptlm.data.packing import BlockPacker, choose_val_docs, pack, runs_of
 from ptlm.errors import PtlmError
-from ptlm.packing import BlockPacker, choose_val_docs, pack, runs_of
 
 
 def test_val_split_by_tokens_is_deterministic_and_near_target():

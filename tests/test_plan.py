@@ -7,15 +7,23 @@ import json
 import pytest
 
 from ptlm.errors import PtlmError
-from ptlm.facts import GiB, KNOWN_GPUS, HardwareFacts, from_pretrained_config
-from ptlm.memory import Job, estimate, usable_gpu_bytes
-from ptlm.plan import TIE_TOLERANCE, Plan, evaluate, flops_per_token, plan, step_seconds
-from ptlm.setting import PLAIN_HF, Setting
+from ptlm.model.config import model_facts
+from ptlm.plan.facts import KNOWN_GPUS, GiB, HardwareFacts
+from ptlm.plan.memory import Job, estimate, usable_gpu_bytes
+from ptlm.plan.planner import (
+    TIE_TOLERANCE,
+    Plan,
+    evaluate,
+    flops_per_token,
+    plan,
+    step_seconds,
+)
+from ptlm.plan.setting import PLAIN_HF, Setting
 
-OPT125 = from_pretrained_config("opt-125m")
-OPT13 = from_pretrained_config("opt-1.3b")
-OPT67 = from_pretrained_config("opt-6.7b")
-OPT13B = from_pretrained_config("opt-13b")
+OPT125 = model_facts("opt-125m")
+OPT13 = model_facts("opt-1.3b")
+OPT67 = model_facts("opt-6.7b")
+OPT13B = model_facts("opt-13b")
 
 
 def machine(gpu: str, gpus: int = 1, host_gib: int = 64) -> HardwareFacts:

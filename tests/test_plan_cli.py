@@ -10,8 +10,8 @@ import torch
 import transformers
 
 from ptlm import cli
-from ptlm.plan_cli import add_setting_arguments, setting_overrides
-from ptlm.setting import Setting
+from ptlm.commands.flags import add_setting_arguments, setting_overrides
+from ptlm.plan.setting import Setting
 
 T4_ARGS = ["--gpu", "T4", "--host-memory", "64GiB"]
 

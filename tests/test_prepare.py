@@ -6,11 +6,11 @@ import sys
 import numpy as np
 import pytest
 
-from ptlm import prepare as prep
-from ptlm import shards
-from ptlm import tokenizer as toks
+from ptlm.data import prepare as prep
+from ptlm.data import shards
+from ptlm.data import tokenizer as toks
+from ptlm.data.prepare import PrepareConfig, prepare
 from ptlm.errors import PtlmError
-from ptlm.prepare import PrepareConfig, prepare
 from tests.conftest import DEMO_CORPUS, ROOT
 
 
@@ -160,8 +160,9 @@ def test_seq_len_above_tokenizer_or_model_positions(tmp_path, shared_gpt2_tokeni
     model = tmp_path / "model"
     OPTConfig(max_position_embeddings=32, hidden_size=16, num_hidden_layers=1,
               ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16).save_pretrained(model)
-    with pytest.raises(PtlmError, match="above the 32 positions of model"):
-        prepare(cfg(tmp_path, tokenizer=str(shared_gpt2_tokenizer), model=str(model)))
+    r = run_cli("prepare", DEMO_CORPUS, "--tokenizer", shared_gpt2_tokenizer,
+                "--seq-len", 64, "--model", model, "--out", tmp_path / "out")
+    assert r.returncode == 2 and "above the 32 positions of model" in r.stderr, r.stderr
 
 
 def test_corpus_too_small_for_a_val_block(tmp_path, demo_tokenizer):

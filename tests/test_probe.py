@@ -5,10 +5,10 @@ import sys
 
 import pytest
 
-from ptlm import probe
-from ptlm.setting import Setting
+from ptlm.plan import probe_cache
+from ptlm.plan.setting import Setting
+from ptlm.run.distributed import free_port
 from tests.conftest import ROOT
-from ptlm.distributed import free_port
 from tests.test_trainer import tiny_model
 
 
@@ -27,34 +27,34 @@ class Device:
     (16, 16, 16), (9, 16, 8), (5, 8, 4), (0, 4, 0), (100, 2, 16), (3, 1, 2)])
 def test_largest_fitting_divisor(limit, start, expected):
     dev = Device(limit)
-    assert probe.largest_fitting(dev, probe.divisors(16), start) == expected
+    assert probe_cache.largest_fitting(dev, probe_cache.divisors(16), start) == expected
 
 
 def test_a_correct_plan_costs_two_trials_at_most():
     dev = Device(8)
-    assert probe.largest_fitting(dev, probe.divisors(16), 8) == 8
+    assert probe_cache.largest_fitting(dev, probe_cache.divisors(16), 8) == 8
     assert dev.tried == [8, 16]
 
 
 def test_cache_round_trip(tmp_path, monkeypatch):
-    monkeypatch.setenv(probe.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(probe_cache.CACHE_ENV, str(tmp_path))
     s = Setting("bf16", micro_batch=16)
-    key = probe.cache_key("m", "T4", 16, 1024, s, 1)
-    assert probe.cached_largest(key) is None
-    probe.write_cache(key, {"largest_micro_batch": 4})
-    assert probe.cached_largest(key) == 4
+    key = probe_cache.cache_key("m", "T4", 16, 1024, s, 1)
+    assert probe_cache.cached_largest(key) is None
+    probe_cache.write_cache(key, {"largest_micro_batch": 4})
+    assert probe_cache.cached_largest(key) == 4
     # the micro-batch is what the probe measures, not part of the key; the rest is
-    assert probe.cache_key("m", "T4", 16, 1024, s.with_(micro_batch=2), 1) == key
-    assert probe.cache_key("m", "T4", 16, 1024, s.with_(checkpointing=True), 1) != key
+    assert probe_cache.cache_key("m", "T4", 16, 1024, s.with_(micro_batch=2), 1) == key
+    assert probe_cache.cache_key("m", "T4", 16, 1024, s.with_(checkpointing=True), 1) != key
     (tmp_path / "probe.json").write_text("{broken")
-    assert probe.cached_largest(key) is None
+    assert probe_cache.cached_largest(key) is None
 
 
 def test_probe_two_ranks_agree_and_training_uses_the_result(tmp_path, demo_dataset):
     """Real DeepSpeed steps on 2 CPU ranks; the GPU's memory size is the one simulated thing."""
     model = tiny_model(tmp_path / "m")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu",
-           probe.CACHE_ENV: str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+           probe_cache.CACHE_ENV: str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     common = ["--model", str(model), "--from-scratch", "--global-batch", "16"]
     # find the simulated memory size between micro-batch 4 and 8's predictions (2 ranks: 8 each)
     r = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",

@@ -5,9 +5,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from ptlm import shards
+from ptlm.data import shards
+from ptlm.data.shards import ShardWriter, open_split, read_manifest, verify
 from ptlm.errors import PtlmError
-from ptlm.shards import ShardWriter, open_split, read_manifest, verify
 
 
 @pytest.fixture

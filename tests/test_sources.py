@@ -4,8 +4,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from ptlm.data.sources import (
+    SourceOptions,
+    SourceStats,
+    iter_documents,
+    resolve_sources,
+)
 from ptlm.errors import PtlmError
-from ptlm.sources import SourceOptions, SourceStats, iter_documents, resolve_sources
 
 
 def docs(paths, **kw):

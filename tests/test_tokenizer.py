@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from ptlm import tokenizer as toks
+from ptlm.data import tokenizer as toks
 from ptlm.errors import PtlmError
 
 TEXT = "Olá, mundo!\n\nÉ um  teste — com acentuação: ção, õ, ü. 123"

@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
-from ptlm.distributed import free_port
 from ptlm.errors import PtlmError
+from ptlm.run.distributed import free_port
 from tests.conftest import ROOT
 
 TINY = dict(hidden=64, layers=2, heads=4, ffn=128, positions=128)
@@ -66,7 +66,7 @@ def hf_perplexity(model_dir, data, split="val"):
     """Plain Hugging Face: the model's own loss over every block, token-weighted."""
     from transformers import AutoModelForCausalLM
 
-    from ptlm.data import PackedDataset
+    from ptlm.data.reader import PackedDataset
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     ds = PackedDataset(data, split)
@@ -218,14 +218,14 @@ def test_overfit_docs_learns(tmp_path, demo_dataset, models):
 # ------------------------------------------------------------------ bad inputs, before training
 
 def make_cfg(data, out, model, **kw):
-    from ptlm.runconfig import RunConfig
+    from ptlm.run.config import RunConfig
 
     return RunConfig(model=str(model), data=data, out=out, from_scratch=True, **kw)
 
 
 def test_seq_len_above_positions_fails_before_training(tmp_path, demo_dataset):
-    from ptlm.data import PackedDataset
-    from ptlm.runsetup import checked_config
+    from ptlm.data.reader import PackedDataset
+    from ptlm.run.setup import checked_config
 
     model = tiny_model(tmp_path / "short", positions=32)  # the data's blocks are 64 tokens
     with pytest.raises(PtlmError, match="seq_len 64 is above the 32 positions"):
@@ -233,8 +233,8 @@ def test_seq_len_above_positions_fails_before_training(tmp_path, demo_dataset):
 
 
 def test_tokenizer_mismatch_fails(tmp_path, demo_dataset, shared_gpt2_tokenizer):
-    from ptlm.data import PackedDataset
-    from ptlm.runsetup import check_tokenizer
+    from ptlm.data.reader import PackedDataset
+    from ptlm.run.setup import check_tokenizer
 
     cfg = make_cfg(demo_dataset, tmp_path / "o", "opt-125m", tokenizer=str(shared_gpt2_tokenizer))
     with pytest.raises(PtlmError, match="is not the tokenizer"):
@@ -246,8 +246,8 @@ def test_tokenizer_mismatch_fails(tmp_path, demo_dataset, shared_gpt2_tokenizer)
 def test_pretrained_model_with_a_smaller_vocab_is_resized(tmp_path, demo_dataset):
     from transformers import OPTConfig, OPTForCausalLM
 
-    from ptlm.data import PackedDataset
-    from ptlm.runsetup import build_model, checked_config
+    from ptlm.data.reader import PackedDataset
+    from ptlm.run.setup import build_model, checked_config
 
     small = tmp_path / "small"
     OPTForCausalLM(OPTConfig(vocab_size=500, hidden_size=32, num_hidden_layers=1, ffn_dim=64,

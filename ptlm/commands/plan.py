@@ -1,0 +1,152 @@
+"""`ptlm plan`: which setting to train MODEL with on these GPUs, and why.
+
+    ptlm plan --model opt-125m --seq-len 1024 --global-batch 16 --gpu T4
+    ptlm plan --model ./my-model --seq-len 2048 --gpus 8 --gpu-memory 40GiB --zero 3 --json
+
+The Setting flags (`add_setting_arguments` / `setting_overrides`) are shared with `ptlm probe`
+and launch/train.py: a flag that is given is forced, the planner chooses the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ptlm.commands.flags import (
+    add_hardware_arguments,
+    add_setting_arguments,
+    hardware_from_args,
+    setting_overrides,
+)
+from ptlm.model.config import model_facts
+from ptlm.plan.facts import KNOWN_CONFIGS, GiB
+from ptlm.plan.memory import Job
+from ptlm.plan.planner import Plan, plan
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help=f"folder / config.json, Hub name, or one of {', '.join(KNOWN_CONFIGS)}")
+    parser.add_argument("--seq-len", type=int, required=True, metavar="N")
+    parser.add_argument("--global-batch", type=int, metavar="B",
+                        help="sequences per optimizer step over all GPUs (default: largest that fits)")
+    add_hardware_arguments(parser)
+    add_setting_arguments(parser)
+    out = parser.add_argument_group("output")
+    out.add_argument("--json", action="store_true", help="print the plan as JSON")
+    out.add_argument("--write-ds-config", metavar="FILE", type=Path,
+                     help="write a complete DeepSpeed config for the plan")
+    out.add_argument("--verify", action="store_true",
+                     help="run one real training step of the chosen setting under FakeTensorMode "
+                          "(no GPU, no compute) and print its measured peak beside the prediction")
+    out.add_argument("--lr", type=float, default=5e-5, help="learning rate in the written config")
+    out.add_argument("--weight-decay", type=float, default=0.0)
+
+
+def run(args: argparse.Namespace) -> int:
+    model = model_facts(args.model)
+    hw = hardware_from_args(args)
+    job = Job(seq_len=args.seq_len, global_batch=args.global_batch)
+    result = plan(model, hw, job, setting_overrides(args))
+    if not args.host_memory and hw.host_memory_bytes:
+        result.notes.append(f"host RAM: this machine's {hw.host_memory_bytes / GiB:.0f} GiB; pass "
+                            "--host-memory to plan for another machine")
+    if args.write_ds_config:
+        _write_ds_config(result, args)
+    verified = verify(args.model, result) if args.verify else None
+    if args.json:
+        print(json.dumps({**result.to_dict(), **({"verify": verified} if verified else {})},
+                         indent=2))
+    else:
+        print(format_plan(result))
+        if verified:
+            print(format_verify(verified))
+    return 0
+
+
+def verify(model_spec: str, p: Plan) -> dict:
+    """Measure the chosen setting's step under FakeTensorMode + MemTracker (ptlm.memtrace)."""
+    from ptlm.model.config import resolve_config
+    from ptlm.run.memtrace import measure_step
+
+    setting = p.setting
+    if setting.zero != 0 or setting.offload != "none":
+        return {"skipped": f"{setting.describe()}: --verify measures one device (ZeRO-0 without "
+                           "offload); sharded settings rest on DeepSpeed's own accounting"}
+    config = resolve_config(model_spec)
+    m = measure_step(config, setting, p.job.seq_len)
+    predicted = p.memory.peak_tensor_bytes
+    return {"measured_peak_bytes": m["peak_bytes"], "predicted_peak_tensor_bytes": predicted,
+            "error": predicted / m["peak_bytes"] - 1, "measured_phase": m["peak_phase"],
+            "seconds": m["seconds"]}
+
+
+def format_verify(v: dict) -> str:
+    if "skipped" in v:
+        return f"\nVerify: skipped ({v['skipped']})"
+    return (f"\nVerify (one real step under FakeTensorMode, {v['seconds']:.0f} s): measured peak "
+            f"tensors {v['measured_peak_bytes'] / GiB:.2f} GiB (at the {v['measured_phase']}), "
+            f"predicted {v['predicted_peak_tensor_bytes'] / GiB:.2f} GiB ({v['error']:+.1%})")
+
+
+def _write_ds_config(result: Plan, args: argparse.Namespace) -> None:
+    from ptlm.plan.dsconfig import OptimizerHyper, build_ds_config
+
+    config = build_ds_config(result, OptimizerHyper(lr=args.lr, weight_decay=args.weight_decay))
+    args.write_ds_config.parent.mkdir(parents=True, exist_ok=True)
+    args.write_ds_config.write_text(json.dumps(config, indent=2) + "\n")
+    result.notes.append(f"DeepSpeed config written to {args.write_ds_config}")
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:7.2f}"
+
+
+def format_plan(p: Plan) -> str:
+    c, m, s = p.chosen, p.memory, p.setting
+    tokens = c.global_batch * p.job.seq_len
+    lines = [
+        f"{p.model.describe()}",
+        f"on {p.hardware.describe()}, seq {p.job.seq_len}, global batch "
+        f"{p.job.global_batch if p.job.global_batch else 'not set'}",
+        "",
+        f"Chosen: {s.describe()}",
+        f"  {s.micro_batch} micro-batch × {c.grad_accum} accumulation × {p.hardware.world} GPU(s)"
+        f" = global batch {c.global_batch} ({tokens:,} tokens/step)",
+        f"  predicted {c.tokens_per_s:,.0f} tokens/s, {c.step_seconds:.2f} s/step, MFU {c.mfu:.0%}",
+        "  memory per GPU (GiB):",
+    ]
+    lines += _breakdown_lines(p)
+    host = f"{m.host_total / GiB:.1f} GiB (model states {m.host_model_states / GiB:.1f}, " \
+           f"processes {m.host_overhead / GiB:.1f})"
+    have = p.hardware.host_memory_bytes
+    lines.append(f"  host RAM per node: {host}"
+                 + (f" of {have / GiB:.0f} GiB" if have else " (host RAM unknown: not checked)"))
+    lines += ["", f"Why: {p.why}"]
+    lines += [f"Note: {n}" for n in p.notes]
+    if p.alternatives:
+        lines += ["", "Also fits:"]
+        lines += [f"  {a.tokens_per_s:>12,.0f} tokens/s  {a.memory.gpu_total / GiB:6.1f} GiB  "
+                  f"{a.setting.describe()} × {a.grad_accum} accumulation" for a in p.alternatives]
+    if p.rejected:
+        lines += ["", f"Rejected ({len(p.rejected)}):"]
+        lines += [f"  {r.reason}" for r in p.rejected]
+    return "\n".join(lines)
+
+
+def _breakdown_lines(p: Plan) -> list[str]:
+    m = p.memory
+    rows = [("parameters", m.parameters), ("gradients", m.gradients),
+            ("optimizer states", m.optimizer_states), ("DeepSpeed buffers", m.ds_buffers),
+            ("activations", m.activations), ("loss / logits", m.loss),
+            ("layer backward", m.layer_backward),
+            ("fp32 grads (step)", m.fp32_grads), ("flatten copies (step)", m.flatten_copies)]
+    lines = [f"    {name:<24}{_gib(value)}" for name, value in rows]
+    lines += [
+        f"    {'= peak tensors':<24}{_gib(m.peak_tensor_bytes)}  (at the {m.peak_phase})",
+        f"    {'+ allocator headroom':<24}{_gib(m.allocator_headroom)}",
+        f"    {'+ CUDA context (+NCCL)':<24}{_gib(m.cuda_context)}",
+        f"    {'= total':<24}{_gib(m.gpu_total)}  of {p.hardware.gpu_memory_bytes / GiB:.2f} GiB",
+    ]
+    return lines

@@ -1,0 +1,336 @@
+"""`ptlm prepare`: corpus -> tokenizer -> EOS-joined token stream -> fixed-length blocks ->
+train/val Arrow shards + manifest, in constant memory.
+
+Two passes over tokens, one over text:
+  1. stream documents in batches, encode them (Rust tokenizer, all cores), append EOS, and append
+     the ids to a flat temporary file; keep only each document's length (8 bytes/document);
+  2. choose validation documents from the lengths (ptlm.packing.choose_val_docs), then, per split,
+     read the documents' ids back from the memory-mapped temporary file in corpus order and cut
+     them into blocks (ptlm.packing.BlockPacker) written to shards (ptlm.shards.ShardWriter).
+Everything is written under DIR's temporary sibling and renamed at the end, so an interrupted run
+never leaves a half-made DIR.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from ptlm import __version__
+from ptlm.data import packing, shards, sources
+from ptlm.data import tokenizer as toks
+from ptlm.errors import PtlmError
+
+log = logging.getLogger(__name__)
+
+BATCH_CHARS = 4_000_000  # text per encode call: parallelism needs several documents per call
+# (measured on Machado, 2 cores: 1M chars 1.06, 4M 1.36 M tokens/s); the encodings of one call
+# (~240 B/token, ~0.4 GB here) bound prepare's memory whatever the corpus size
+BATCH_DOCS = 2_000  # ...and at most this many documents (short-document corpora)
+READ_TOKENS = 8 * 2**20  # pass 2 reads the token stream in slices of this many tokens
+STREAM_FILE = "stream.tmp"
+DOC_LENGTHS_FILE = "documents.npy"
+MAX_INFLIGHT_PER_PROC = 2  # batches queued per worker: bounded memory with --num-proc > 1
+
+
+@dataclass
+class PrepareConfig:
+    sources: list[str]
+    out: Path
+    seq_len: int
+    tokenizer: str | None = None
+    train_tokenizer: int | None = None  # vocab size of a BPE to train on the corpus
+    eos_token: str | None = None
+    model: str | None = None  # the model --model_positions was read from (for messages)
+    model_positions: int | None = None  # check seq_len against these positions
+    val_fraction: float = 0.05
+    seed: int = 0
+    num_proc: int = 1
+    overwrite: bool = False
+    shard_bytes: int = shards.DEFAULT_SHARD_BYTES
+    source_options: sources.SourceOptions = field(default_factory=sources.SourceOptions)
+    progress: bool | None = None  # None: tqdm decides (on when stderr is a terminal)
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        if self.seq_len < 2:
+            raise PtlmError(f"--seq-len must be >= 2 (a block predicts its tokens 1..n-1 from "
+                            f"0..n-2), got {self.seq_len}")
+        if (self.tokenizer is None) == (self.train_tokenizer is None):
+            raise PtlmError("give exactly one of --tokenizer NAME_OR_PATH or --train-tokenizer "
+                            "VOCAB_SIZE")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise PtlmError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.num_proc < 1:
+            raise PtlmError(f"--num-proc must be >= 1, got {self.num_proc}")
+        if self.out.exists() and not self.overwrite:
+            raise PtlmError(f"{self.out} already exists; pass --overwrite to replace it, or "
+                            "choose another --out")
+
+
+# ------------------------------------------------------------------------------ pass 1: encode
+
+def _batches(texts: Iterable[str]) -> Iterator[list[str]]:
+    """Batches of at most BATCH_CHARS characters (or one longer document alone): the encode's
+    memory peak is then bounded by max(BATCH_CHARS, the longest document), whatever the corpus."""
+    batch, chars = [], 0
+    for t in texts:
+        if batch and (chars + len(t) > BATCH_CHARS or len(batch) >= BATCH_DOCS):
+            yield batch
+            batch, chars = [], 0
+        batch.append(t)
+        chars += len(t)
+    if batch:
+        yield batch
+
+
+def encode_batch(tok, texts: list[str], eos_id: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """-> (flat ids with EOS after each document, (n_docs,) lengths including EOS)."""
+    encodings = tok.encode_batch_fast(texts, add_special_tokens=False)
+    ids = [e.ids for e in encodings]
+    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+    flat = np.empty(int(lengths.sum()), dtype=dtype)
+    ends = np.cumsum(lengths)
+    flat[ends - 1] = eos_id
+    for x, end, n in zip(ids, ends.tolist(), lengths.tolist()):
+        flat[end - n:end - 1] = x
+    return flat, lengths
+
+
+_WORKER_TOK = None
+
+
+def _init_worker(tok_dir: str) -> None:
+    # Workers are processes already: one tokenizer thread each avoids oversubscribing the cores.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    global _WORKER_TOK
+    _WORKER_TOK = toks.load(Path(tok_dir))
+
+
+def _encode_in_worker(args):
+    texts, eos_id, dtype = args
+    return encode_batch(_WORKER_TOK, texts, eos_id, dtype)
+
+
+def _encoded(batches: Iterator[list[str]], tok_dir: Path, eos_id: int, dtype,
+             num_proc: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Encoded batches in corpus order, whatever num_proc is (so outputs are identical)."""
+    if num_proc == 1:
+        tok = toks.load(tok_dir)
+        for texts in batches:
+            yield encode_batch(tok, texts, eos_id, dtype)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(num_proc, initializer=_init_worker, initargs=(str(tok_dir),)) as pool:
+        pending: deque = deque()
+        for texts in batches:
+            pending.append(pool.apply_async(_encode_in_worker, ((texts, eos_id, dtype),)))
+            if len(pending) >= num_proc * MAX_INFLIGHT_PER_PROC:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap back to the OS (glibc keeps it otherwise)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+# The Rust tokenizer's Encodings cost ~240 bytes/token, allocated and freed by its worker threads.
+# With glibc's default of up to 8 arenas per core, each thread's arena keeps its own freed pages
+# and resident memory creeps up with the number of batches (+16% over a 10x corpus, measured);
+# two arenas and a malloc_trim every few batches keep it flat. A trim after every batch costs
+# ~10% speed (the next batch faults the pages back in); every TRIM_EVERY batches, ~1%.
+M_ARENA_MAX = -8  # glibc's mallopt parameter number
+ARENAS = 2
+TRIM_EVERY = 8
+
+
+def _load_libc():
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        if not hasattr(libc, "malloc_trim"):
+            return None
+        libc.mallopt(M_ARENA_MAX, ARENAS)
+        return libc
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_LIBC = _load_libc()
+
+
+def _progress(enabled: bool | None, desc: str, unit: str):
+    from tqdm import tqdm
+
+    return tqdm(desc=desc, unit=unit, disable=None if enabled is None else not enabled,
+                dynamic_ncols=True, file=sys.stderr)
+
+
+def tokenize_to_stream(docs: Iterable[str], tok_dir: Path, eos_id: int, dtype, path: Path,
+                       num_proc: int, progress: bool | None) -> np.ndarray:
+    """Pass 1. Appends every document's ids (+EOS) to `path`; returns (D,) lengths."""
+    lengths: list[np.ndarray] = []
+    n_tokens, t0 = 0, time.perf_counter()
+    with open(path, "wb") as f, _progress(progress, "tokenize", "doc") as bar:
+        for i, (flat, lens) in enumerate(_encoded(_batches(docs), tok_dir, eos_id, dtype,
+                                                  num_proc)):
+            flat.tofile(f)
+            lengths.append(lens)
+            n_tokens += len(flat)
+            if i % TRIM_EVERY == TRIM_EVERY - 1:
+                _release_freed_memory()
+            bar.update(len(lens))
+            bar.set_postfix_str(f"{n_tokens / max(time.perf_counter() - t0, 1e-9) / 1e6:.2f}M "
+                                f"tok/s, {n_tokens / 1e6:.1f}M tokens", refresh=False)
+    _release_freed_memory()  # pass 2 needs little: give the encode's heap back
+    return np.concatenate(lengths) if lengths else np.empty(0, dtype=np.int64)
+
+
+# ------------------------------------------------------------------------------ pass 2: pack
+
+def pack_split(stream_path: Path, dtype, lengths: np.ndarray, mask: np.ndarray,
+               writer: shards.ShardWriter, seq_len: int) -> dict:
+    """Pack the documents selected by `mask` (in corpus order) into blocks; returns stats.
+
+    The stream is read with plain reads, not a memory map: mapped pages would count in this
+    process's resident memory, growing with the corpus."""
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    itemsize = np.dtype(dtype).itemsize
+    packer = packing.BlockPacker(seq_len, dtype)
+    blocks = 0
+    with open(stream_path, "rb") as f:
+        for start_doc, end_doc in packing.runs_of(mask):
+            lo, hi = int(offsets[start_doc]), int(offsets[end_doc])
+            for pos in range(lo, hi, READ_TOKENS):
+                f.seek(pos * itemsize)
+                out = packer.feed(np.fromfile(f, dtype=dtype, count=min(READ_TOKENS, hi - pos)))
+                if len(out):
+                    writer.write(out)
+                    blocks += len(out)
+    doc_file = f"{writer.split}/{DOC_LENGTHS_FILE}"
+    np.save(writer.root / doc_file, lengths[mask].astype(np.int64), allow_pickle=False)
+    return {"documents": int(mask.sum()), "tokens": packer.tokens_in, "blocks": blocks,
+            "dropped_tokens": packer.dropped, "shards": writer.close(),
+            "document_lengths": doc_file}
+
+
+# ------------------------------------------------------------------------------ the command
+
+def _check_seq_len(cfg: PrepareConfig, info: toks.TokenizerInfo) -> None:
+    if cfg.model:
+        positions = cfg.model_positions
+        if positions is not None and cfg.seq_len > positions:
+            raise PtlmError(f"--seq-len {cfg.seq_len} is above the {positions} positions of model "
+                            f"{cfg.model}; use --seq-len {positions} or less")
+    elif info.model_max_length and cfg.seq_len > info.model_max_length:
+        raise PtlmError(f"--seq-len {cfg.seq_len} is above the tokenizer's model_max_length "
+                        f"{info.model_max_length} ({info.source}); use a smaller --seq-len, or "
+                        "pass --model to check against the model's positions instead")
+
+
+def _tokenizer_into(cfg: PrepareConfig, srcs, dest: Path) -> toks.TokenizerInfo:
+    if cfg.train_tokenizer is not None:
+        log.info("training a byte-level BPE with %d ids on the corpus", cfg.train_tokenizer)
+        toks.train_bpe(sources.iter_documents(srcs, cfg.source_options), cfg.train_tokenizer,
+                       dest)
+        return toks.describe(dest, f"trained:{cfg.train_tokenizer}")
+    toks.materialize(cfg.tokenizer, dest, cfg.eos_token)
+    return toks.describe(dest, cfg.tokenizer)
+
+
+def prepare(cfg: PrepareConfig) -> dict:
+    """Run the whole job; returns the manifest written to cfg.out."""
+    srcs = sources.resolve_sources(cfg.sources)
+    out = cfg.out.resolve()
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        manifest = _prepare_into(cfg, srcs, tmp)
+        _commit(tmp, out, cfg.overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _prepare_into(cfg: PrepareConfig, srcs, tmp: Path) -> dict:
+    t0 = time.perf_counter()
+    info = _tokenizer_into(cfg, srcs, tmp / shards.TOKENIZER_DIR)
+    _check_seq_len(cfg, info)
+    dtype = shards.token_dtype(info.vocab_size)
+    stats = sources.SourceStats()
+    stream_path = tmp / STREAM_FILE
+    lengths = tokenize_to_stream(sources.iter_documents(srcs, cfg.source_options, stats),
+                                 tmp / shards.TOKENIZER_DIR, info.eos_id, dtype, stream_path,
+                                 cfg.num_proc, cfg.progress)
+    if stats.documents == 0:
+        raise PtlmError(f"the corpus is empty: no non-empty document in {', '.join(cfg.sources)}"
+                        f" ({stats.empty_skipped} empty skipped); check the path and "
+                        f"--text-field {cfg.source_options.text_field!r}")
+    tokenize_s = time.perf_counter() - t0
+    val_mask = packing.choose_val_docs(lengths, cfg.val_fraction, cfg.seq_len, cfg.seed)
+    splits = {}
+    for split, mask in (("train", ~val_mask), ("val", val_mask)):
+        writer = shards.ShardWriter(tmp, split, cfg.seq_len, dtype, cfg.shard_bytes)
+        splits[split] = pack_split(stream_path, dtype, lengths, mask, writer, cfg.seq_len)
+    stream_path.unlink()
+    manifest = {
+        "format": shards.FORMAT_NAME, "format_version": shards.FORMAT_VERSION,
+        "ptlm_version": __version__, "created": datetime.now(timezone.utc).isoformat(),
+        "seq_len": cfg.seq_len, "dtype": dtype.name, "column": shards.COLUMN,
+        "eos_id": info.eos_id,
+        "tokenizer": {"path": shards.TOKENIZER_DIR, **info.to_dict()},
+        "documents": stats.documents, "empty_documents_skipped": stats.empty_skipped,
+        "documents_with_replaced_bytes": stats.replaced,
+        "tokens": int(lengths.sum()),
+        "splits": splits,
+        "sources": sources.source_fingerprint(srcs),
+        "options": {"val_fraction": cfg.val_fraction, "seed": cfg.seed,
+                    **asdict(cfg.source_options)},
+        "timing_s": {"tokenize": round(tokenize_s, 3),
+                     "total": round(time.perf_counter() - t0, 3)},
+    }
+    shards.write_json_atomic(tmp / shards.MANIFEST, manifest)
+    return manifest
+
+
+def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished folder into place; an old DIR is replaced only once the new one is whole."""
+    if out.exists():
+        if not overwrite:
+            raise PtlmError(f"{out} appeared while preparing; pass --overwrite to replace it")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def summary(manifest: dict) -> str:
+    lines = [f"seq_len {manifest['seq_len']}, {manifest['dtype']} tokens, tokenizer "
+             f"{manifest['tokenizer']['source']} ({manifest['tokenizer']['vocab_size']} ids, EOS "
+             f"{manifest['eos_id']}), {manifest['documents']} documents, "
+             f"{manifest['tokens']:,} tokens"]
+    for split, s in manifest["splits"].items():
+        size = sum(sh["bytes"] for sh in s["shards"])
+        lines.append(f"  {split:5s}: {s['documents']:>8,} docs {s['tokens']:>13,} tokens "
+                     f"{s['blocks']:>9,} blocks  {s['dropped_tokens']:>6,} tokens dropped (last "
+                     f"partial block)  {len(s['shards'])} shard(s), {size / 2**20:.1f} MiB")
+    return "\n".join(lines)

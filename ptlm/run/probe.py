@@ -1,0 +1,104 @@
+"""`ptlm probe` (also `deepspeed launch/probe.py`): confirm a plan on the real device.
+
+Runs real training steps of the planned setting on random tokens, searching the largest
+micro-batch that fits: an out-of-memory error is caught, memory freed, and a smaller micro-batch
+tried (every rank agrees on each outcome, so ranks never diverge). Measured
+`torch.cuda.max_memory_allocated` / `max_memory_reserved` are printed beside the prediction and the
+result is cached; `launch/train.py --plan auto` then never plans a micro-batch above what the probe
+saw fit on this GPU.
+
+Without a GPU the search still runs real DeepSpeed steps (CPU ranks), and `--simulate-gpu-memory`
+stands in for the one thing a CPU cannot have, a GPU's memory size: a trial whose predicted peak
+exceeds it raises the same OutOfMemoryError a GPU would.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+
+import torch
+
+from ptlm.plan.probe_cache import cache_path
+
+log = logging.getLogger(__name__)
+
+PROBE_STEPS = 2  # optimizer steps per trial: the 2nd has optimizer states (steady state)
+
+
+# ------------------------------------------------------------------------------ trials
+
+class Trials:
+    """Real steps of one DeepSpeed engine at a given micro-batch; OOM-safe and rank-agreed."""
+
+    def __init__(self, engine, dist, plan, seq_len: int, vocab: int,
+                 simulate_bytes: int | None) -> None:
+        self.engine, self.dist, self.plan = engine, dist, plan
+        self.seq_len, self.vocab, self.simulate_bytes = seq_len, vocab, simulate_bytes
+        self.results: dict[int, dict] = {}
+
+    def predicted(self, micro: int) -> int:
+        from ptlm.plan.memory import estimate
+
+        p = self.plan
+        return estimate(p.model, p.hardware, p.job, p.setting.with_(micro_batch=micro)).gpu_total
+
+    def __call__(self, micro: int) -> bool:
+        from ptlm.run.distributed import any_rank
+
+        oom = False
+        predicted = self.predicted(micro)
+        try:
+            peak = self._steps(micro, predicted)
+        except torch.OutOfMemoryError:
+            oom, peak = True, None
+        self._free()
+        oom = any_rank(oom, self.dist.device)
+        self.results[micro] = {"fits": not oom, **(peak or {}),
+                               "predicted_bytes": predicted}
+        log.info("micro-batch %d: %s%s", micro, "out of memory" if oom else "fits",
+                 f", max allocated {peak['max_allocated'] / 2**30:.2f} GiB" if peak and
+                 peak.get("max_allocated") else "")
+        return not oom
+
+    def _steps(self, micro: int, predicted: int) -> dict:
+        engine = self.engine
+        per_gpu = self.plan.global_batch // self.dist.world_size
+        accum = min(per_gpu // micro, 2)  # 2 micro-steps show the accumulation's held grads
+        engine.set_train_micro_batch_size(micro)
+        engine.set_train_batch_size(micro * accum * self.dist.world_size)
+        for step in range(PROBE_STEPS):
+            if step == PROBE_STEPS - 1 and torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            for _ in range(accum):
+                ids = torch.randint(0, self.vocab, (micro, self.seq_len), device=self.dist.device)
+                mean, _, _ = engine(ids)
+                engine.backward(mean)
+                engine.step()
+        if self.simulate_bytes is not None and predicted > self.simulate_bytes:
+            raise torch.OutOfMemoryError(f"simulated: predicted peak above "
+                                         f"{self.simulate_bytes} bytes")
+        if torch.cuda.is_available():
+            return {"max_allocated": torch.cuda.max_memory_allocated(),
+                    "max_reserved": torch.cuda.max_memory_reserved()}
+        return {}
+
+    def _free(self) -> None:
+        self.engine.zero_grad()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def format_result(p, r: dict) -> str:
+    lines = [f"probe of {p.setting.with_(micro_batch=r['largest_micro_batch']).describe()} on "
+             f"{r['device']} (seq {p.job.seq_len}):",
+             "| micro-batch | fits | predicted | max allocated | max reserved |",
+             "|---|---|---|---|---|"]
+    gib = lambda b: "–" if b is None else f"{b / 2**30:.2f} GiB"  # noqa: E731
+    for m, t in r["trials"].items():
+        lines.append(f"| {m} | {'yes' if t['fits'] else 'OOM'} | {gib(t['predicted_bytes'])} | "
+                     f"{gib(t.get('max_allocated'))} | {gib(t.get('max_reserved'))} |")
+    lines.append(f"largest micro-batch that fits: {r['largest_micro_batch']} (planned "
+                 f"{r['planned_micro_batch']}); cached in {cache_path()}")
+    return "\n".join(lines)

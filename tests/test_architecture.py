@@ -1,0 +1,104 @@
+"""The package's shape: data -> plan -> model -> run -> commands, imports flowing one way.
+
+Every `import`/`from ... import` in ptlm (top level or inside functions, which is where cycles
+hide) is read with ast and checked against the allowed direction below."""
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "ptlm"
+
+# layer -> the ptlm layers it may import (besides itself). Leaves shared by all: errors, units.
+ALLOWED = {
+    "errors": set(),
+    "units": {"errors"},
+    "data": {"errors", "units"},
+    "plan": {"errors", "units"},
+    "model": {"errors", "units", "plan"},
+    "run": {"errors", "units", "plan", "model", "data"},
+    "commands": {"errors", "units", "plan", "model", "data", "run", "cli"},
+    "cli": {"errors", "units", "commands"},
+    "__init__": set(),
+    "__main__": {"cli"},
+}
+
+
+def layer_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def ptlm_imports(path: Path) -> list[tuple[int, str]]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "ptlm"]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "ptlm":  # from ptlm import x: x is a module, or the package's own
+                found += [(node.lineno, f"ptlm.{a.name}") for a in node.names
+                          if not a.name.startswith("__")]
+            elif node.module.split(".")[0] == "ptlm":
+                found.append((node.lineno, node.module))
+    return found
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    return ".".join(rel.parts)
+
+
+def test_every_import_follows_the_allowed_direction():
+    bad = []
+    for path in sorted(PKG.rglob("*.py")):
+        mod = module_name(path)
+        layer = layer_of(mod)
+        assert layer in ALLOWED, f"{mod}: a new top-level module; give it a layer in ALLOWED"
+        for line, target in ptlm_imports(path):
+            other = layer_of(target)
+            if other != layer and other not in ALLOWED[layer] and target != "ptlm":
+                bad.append(f"{path.relative_to(ROOT)}:{line} ({layer}) imports {target} ({other})")
+    assert not bad, "imports against data/plan -> model -> run -> commands:\n" + "\n".join(bad)
+
+
+def test_the_checker_sees_imports_inside_functions(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("def f():\n    from ptlm.run import trainer\n    import ptlm.commands.plan\n")
+    assert [t for _, t in ptlm_imports(f)] == ["ptlm.run", "ptlm.commands.plan"]
+
+
+def test_no_module_of_the_package_is_top_level_except_the_entry_points():
+    top = {p.stem for p in PKG.glob("*.py")}
+    assert top == {"__init__", "__main__", "cli", "errors", "units"}, top
+
+
+@pytest.mark.parametrize("module", ["ptlm.plan", "ptlm.plan.planner", "ptlm.plan.dsconfig",
+                                    "ptlm.plan.probe_cache", "ptlm.data.prepare",
+                                    "ptlm.commands.prepare", "ptlm.commands.plan"])
+def test_pure_layers_do_not_import_torch(module):
+    code = (f"import sys, json; import {module}; "
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'deepspeed', 'transformers'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout
+    assert json.loads(out) == [], f"import {module} loaded {json.loads(out)[:5]}..."
+
+
+def test_no_absolute_path_of_a_machine_in_the_repo():
+    files = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=ROOT,
+                           check=True).stdout.split()
+    needles = ("/work/", "/root/", "/tmp/pytest", "shared/notes")
+    hits = []
+    for name in files:
+        p = ROOT / name
+        if p.suffix not in {".py", ".md", ".sh", ".cfg", ".toml", ".json", ".txt", ".yaml"} \
+                or name == "tests/test_architecture.py":
+            continue
+        text = p.read_text(errors="replace")
+        hits += [f"{name}: {n}" for n in needles if n in text]
+    assert not hits, hits
