@@ -8,7 +8,6 @@ import transformers
 
 from ptlm.errors import PtlmError
 from ptlm.model.config import known_config, model_facts
-from ptlm.units import parse_size
 from ptlm.plan.facts import (
     KNOWN_CONFIGS,
     KNOWN_GPUS,
@@ -17,6 +16,7 @@ from ptlm.plan.facts import (
     ModelFacts,
     lookup_gpu,
 )
+from ptlm.units import parse_size
 
 
 def meta_model(cfg):

@@ -30,6 +30,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from ptlm.run import faults
 from ptlm.run.distributed import free_port
 from tests.conftest import ROOT
 from tests.test_trainer import losses, records, tiny_model
@@ -280,10 +281,10 @@ def test_two_nodes_torchrun_killed_then_resumed(tmp_path, demo_dataset, model, r
     (node 1 its own ZeRO-2 optimizer shard and RNG) and finish exactly as one node does."""
     out = tmp_path / "run"
     port = free_port()
-    cmds = [torchrun_node(r, "127.0.0.1", port, train_args(demo_dataset, out, model,
-                                                           "--kill-after-step", 4))
+    cmds = [torchrun_node(r, "127.0.0.1", port, train_args(demo_dataset, out, model))
             for r in (0, 1)]
-    codes = launch(cmds, tmp_path / "logs_cut")
+    kill = base_env(**{faults.KILL_AFTER_STEP_ENV: "4"})
+    codes = launch(cmds, tmp_path / "logs_cut", envs=[kill, kill])
     assert all(c != 0 for c in codes), f"the killed run exited {codes}"
     assert len(losses(out)) == 4
     assert (out / "checkpoints" / "step00000003" / "ptlm_complete.json").exists()

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ptlm.errors import PtlmError
+from ptlm.run import faults
 from ptlm.run.distributed import free_port
 from tests.conftest import ROOT
 
@@ -36,12 +37,12 @@ def tiny_model(path, arch="opt", dropout=0.0, positions=TINY["positions"]):
     return path
 
 
-def train(data, out, model, *extra, ranks=1, check=True, scratch=True):
+def train(data, out, model, *extra, ranks=1, check=True, scratch=True, env=None):
     args = ["launch/train.py", "--model", str(model), *(["--from-scratch"] if scratch else []),
             "--data", str(data), "--out", str(out), "--lr", "3e-3", "--seed", "0",
             *map(str, extra)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu",
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", **(env or {})}
     if ranks == 1:
         cmd = [sys.executable, *args]
     else:
@@ -166,8 +167,8 @@ def test_kill_and_resume_is_exact_across_an_epoch_boundary(tmp_path, demo_datase
     train(demo_dataset, full, model, *common)
     per_epoch = len(records(full, "train")) // 2
     kill_at = per_epoch + 3  # past the epoch boundary, 1 step after the last checkpoint
-    r = train(demo_dataset, cut, model, *common, "--save-every", per_epoch + 2,
-              "--kill-after-step", kill_at, check=False)
+    r = train(demo_dataset, cut, model, *common, "--save-every", per_epoch + 2, check=False,
+              env={faults.KILL_AFTER_STEP_ENV: str(kill_at)})
     assert r.returncode == -9, r.stderr[-2000:]
     assert len(losses(cut)) == kill_at
     train(demo_dataset, cut, model, *common)  # --resume auto is the default
@@ -185,8 +186,8 @@ def test_resume_on_fewer_ranks_continues_the_same_batches(tmp_path, demo_dataset
     ZeRO-2's partitioned optimizer states go through DeepSpeed's universal checkpoint."""
     out = tmp_path / "two_then_one"
     r = train(demo_dataset, out, models["opt"], "--global-batch", 8, "--micro-batch", 4,
-              "--zero", zero, "--save-every", 10, "--kill-after-step", 12, "--no-export",
-              ranks=2, check=False)
+              "--zero", zero, "--save-every", 10, "--no-export", ranks=2, check=False,
+              env={faults.KILL_AFTER_STEP_ENV: "12"})
     assert r.returncode != 0
     r = train(demo_dataset, out, models["opt"], "--global-batch", 8, "--micro-batch", 8,
               "--zero", zero)
@@ -197,7 +198,7 @@ def test_resume_on_fewer_ranks_continues_the_same_batches(tmp_path, demo_dataset
 def test_oom_backoff_keeps_the_global_batch(tmp_path, demo_dataset, models, one_rank_opt):
     out = tmp_path / "oom"
     train(demo_dataset, out, models["opt"], "--global-batch", 8, "--micro-batch", 4, "--zero",
-          2, "--inject-oom-at-step", 3, "--max-steps", 6, "--no-export", ranks=2)
+          2, "--max-steps", 6, "--no-export", ranks=2, env={faults.OOM_ENV: "3"})
     backoff = records(out, "oom_backoff")
     assert backoff == [{"kind": "oom_backoff", "step": 2, "micro_batch": 2, "grad_accum": 2}]
     assert [r["micro_batch"] for r in records(out, "train")] == [4, 4, 2, 2, 2, 2]

@@ -48,8 +48,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                     "documents only: can the loop learn?")
     p.add_argument("--log-every", type=int)
     p.add_argument("--no-export", dest="export", action="store_false", default=None)
-    p.add_argument("--inject-oom-at-step", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--kill-after-step", type=int, help=argparse.SUPPRESS)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help=argparse.SUPPRESS)  # added by the deepspeed launcher
 

@@ -50,8 +50,6 @@ class RunConfig:
     overfit_docs: int | None = None
     log_every: int = 1
     export: bool = True
-    inject_oom_at_step: int | None = None  # testing aid: raise one OOM in this step's 1st micro
-    kill_after_step: int | None = None  # testing aid: SIGKILL after this step (and its saves)
 
     def __post_init__(self) -> None:
         self.data, self.out = Path(self.data), Path(self.out)

@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from torch import nn
 from ptlm.data.reader import PackedDataset, PackedLoader
 from ptlm.errors import PtlmError
 from ptlm.model.loss import LossModule
-from ptlm.run import checkpoint, report
+from ptlm.run import checkpoint, faults, report
 from ptlm.run import setup as runsetup
 from ptlm.run.config import RunConfig
 from ptlm.run.distributed import Dist, all_reduce_sum, any_rank, barrier, init
@@ -48,7 +47,6 @@ class RunState:
     last_eval: dict | None = None
     epochs: list = field(default_factory=list)
     micro_batch: int = 0  # current (an OOM back-off halves it)
-    oom_injected: bool = False
 
 
 @dataclass
@@ -296,11 +294,8 @@ def _agreed(run: Run, fn):
 
 
 def _maybe_inject_oom(run: Run) -> None:
-    """Testing aid (--inject-oom-at-step): one OOM, on rank 0 only, in the first micro-step."""
-    if (run.cfg.inject_oom_at_step == run.state.step + 1 and run.dist.is_main
-            and not run.state.oom_injected):
-        run.state.oom_injected = True
-        raise torch.OutOfMemoryError("injected by --inject-oom-at-step")
+    """Testing aid (ptlm.run.faults): one OOM, on rank 0 only, in the first micro-step."""
+    faults.maybe_oom(run.state.step + 1, 1, "forward", run.dist.is_main)
 
 
 def _back_off(run: Run, step_start: int) -> None:
@@ -399,8 +394,7 @@ def train_loop(run: Run) -> None:
                 time.time() - run.last_save >= 60 * cfg.save_every_minutes, run.dist.device)
             if due(cfg.save_every, s.step) or minutes_due:
                 save(run)
-            if cfg.kill_after_step == s.step:  # testing aid: die as a preempted node would
-                os.kill(os.getpid(), signal.SIGKILL)
+            faults.kill_after_step(s.step)  # testing aid: die as a preempted node would
         if loader.consumed == loader.blocks_per_epoch:
             loader.finish_epoch()
             end_epoch(run)
