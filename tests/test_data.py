@@ -1,4 +1,5 @@
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -153,3 +154,32 @@ def test_iterating_a_split_adds_little_resident_memory(tmp_path):
     grown_mib = (rss_anon_kib() - before) / 1024
     assert tokens == n // 16 * 16 * T
     assert grown_mib < 8, f"anonymous RSS grew by {grown_mib:.1f} MiB over a 40 MB split"
+
+
+def test_training_refuses_a_corrupt_shard_before_step_1(tmp_path, demo_dataset):
+    """Issue 9: a flipped byte inside the vocabulary used to train silently (and one outside it
+    crashed mid-epoch with an IndexError); the trainer now checks every shard first."""
+    import shutil
+    import subprocess
+    import sys
+
+    from ptlm.data.shards import read_manifest
+    from tests.conftest import ROOT
+    from tests.test_trainer import tiny_model
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_dataset, data)
+    shard = data / read_manifest(data)["splits"]["train"]["shards"][0]["file"]
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    shard.write_bytes(bytes(raw))
+    out = tmp_path / "run"
+    r = subprocess.run(
+        [sys.executable, "launch/train.py", "--model", str(tiny_model(tmp_path / "m")),
+         "--from-scratch", "--data", str(data), "--out", str(out)], cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu",
+             "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "ptlm train: error:" in r.stderr and "is corrupt" in r.stderr
+    assert shard.name in r.stderr and "ptlm prepare" in r.stderr
+    assert not (out / "metrics.jsonl").exists()  # failed before step 1 (before any eval too)

@@ -149,3 +149,19 @@ def test_check_vocab_explains_when_it_cannot_resize(monkeypatch):
         check_vocab(model, VOCAB + 1)
     with pytest.raises(PtlmError, match="at least one token"):
         check_vocab(model, 0)
+
+
+def test_check_vocab_reads_the_real_rows_of_a_partitioned_table(monkeypatch):
+    """Under ZeRO-3 the table is an empty placeholder whose real shape is ds_shape: a padded table
+    (more rows than the tokenizer's ids) is left alone, never resized (nor shrunk)."""
+    model = load_model(tiny_opt(vocab_size=VOCAB + 8), "fp32")
+    weight = model.get_input_embeddings().weight
+    weight.ds_shape = weight.shape
+    weight.data = torch.empty(0)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("resized a table that was large enough")
+
+    monkeypatch.setattr(model, "resize_token_embeddings", refuse)
+    assert check_vocab(model, VOCAB) == VOCAB + 8
+    assert check_vocab(model, VOCAB + 8) == VOCAB + 8

@@ -110,3 +110,20 @@ def test_offload_builds_deepspeed_cpu_adam(model):
     assert isinstance(optimizer, DeepSpeedCPUAdam)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [WEIGHT_DECAY, 0.0]
     one_step(model, optimizer)
+
+
+def test_partitioned_params_are_grouped_by_their_real_shape(model):
+    """Under ZeRO-3 (zero.Init) each parameter is an empty [0] placeholder whose real shape is
+    ds_shape: the matrices must still get weight decay."""
+    expected = [[id(p) for p in g["params"]]
+                for g in param_groups(model.named_parameters(), WEIGHT_DECAY)]
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            placeholder = torch.nn.Parameter(torch.empty(0))
+            placeholder.ds_shape = p.shape  # as DeepSpeed's partitioned parameters carry it
+            setattr(module, name, placeholder)
+    model.tie_weights()
+    groups = param_groups(model.named_parameters(), WEIGHT_DECAY)
+    assert all(p.shape == (0,) for g in groups for p in g["params"])
+    assert [g["weight_decay"] for g in groups] == [WEIGHT_DECAY, 0.0]
+    assert [len(g["params"]) for g in groups] == [len(ids) for ids in expected]

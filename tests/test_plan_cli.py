@@ -10,8 +10,9 @@ import torch
 import transformers
 
 from ptlm import cli
-from ptlm.commands.flags import add_setting_arguments, setting_overrides
-from ptlm.plan.setting import Setting
+from ptlm.commands.flags import add_setting_arguments, forced_from_args
+from ptlm.errors import PtlmError
+from ptlm.plan.setting import Forced, Setting
 
 T4_ARGS = ["--gpu", "T4", "--host-memory", "64GiB"]
 
@@ -111,10 +112,33 @@ def test_setting_flags_parse_to_setting_types():
     args = parser.parse_args(["--precision", "fp16", "--zero", "2", "--offload", "optimizer",
                               "--checkpointing", "off", "--optimizer", "adamw",
                               "--chunked-loss", "on", "--micro-batch", "3"])
-    forced = setting_overrides(args)
-    assert forced == {"precision": "fp16", "zero": 2, "offload": "optimizer", "checkpointing": False,
-                      "optimizer": "adamw", "chunked_loss": True, "micro_batch": 3}
-    Setting(**forced)
-    assert setting_overrides(parser.parse_args([])) == {}
+    forced = forced_from_args(args)
+    assert isinstance(forced, Forced)
+    assert forced.to_dict() == {"precision": "fp16", "zero": 2, "offload": "optimizer",
+                                "checkpointing": False, "optimizer": "adamw", "chunked_loss": True,
+                                "micro_batch": 3}
+    Setting(**forced.to_dict())
+    assert forced_from_args(parser.parse_args([])).to_dict() == {}
     with pytest.raises(SystemExit):
         parser.parse_args(["--zero", "4"])
+
+
+@pytest.mark.parametrize("flag", ["--gpus", "--nodes"])
+def test_zero_gpus_or_nodes_is_an_error_not_one(capsys, flag):
+    rc, out, err = run_plan(capsys, "--model", "opt-125m", "--seq-len", "512", "--gpu", "T4",
+                            flag, "0", "--host-memory", "64GiB")
+    assert rc == 2 and out == ""
+    assert f"{flag} 0" in err and f"give {flag} 1 or more" in err
+    assert "Traceback" not in err
+
+
+def test_setting_flags_keep_their_spelling_and_refuse_bad_values():
+    parser = argparse.ArgumentParser()
+    add_setting_arguments(parser)
+    assert forced_from_args(parser.parse_args(["--checkpointing", "on"])).checkpointing is True
+    for bad in (["--checkpointing", "yes"], ["--chunked-loss", "1"], ["--precision", "bf8"],
+                ["--micro-batch", "x"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+    with pytest.raises(PtlmError, match="--micro-batch must be >= 1"):
+        forced_from_args(parser.parse_args(["--micro-batch", "0"]))

@@ -203,3 +203,84 @@ def test_prepare_does_not_import_torch(tmp_path, demo_tokenizer):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "False"
+
+
+# ------------------------------------------------------------ issue 9: leftovers, bad input
+
+def dead_pid():
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_stale_temporaries_of_killed_runs_are_removed_and_named(tmp_path, demo_tokenizer, caplog):
+    dead = tmp_path / f".out.tmp-{dead_pid()}"
+    (dead / "train").mkdir(parents=True)
+    (dead / "stream.tmp").write_bytes(b"\0" * 4096)  # what a SIGKILL leaves: the token stream
+    old = tmp_path / f".out.old-{dead_pid()}"
+    old.mkdir()
+    alive = tmp_path / f".out.tmp-{os.getppid()}"  # a running process: maybe another prepare
+    alive.mkdir()
+    other = tmp_path / f".other.tmp-{dead_pid()}"  # another --out's: not ours to judge
+    other.mkdir()
+    with caplog.at_level("WARNING", logger="ptlm.data.prepare"):
+        prepare(cfg(tmp_path, tokenizer=str(demo_tokenizer)))
+    assert not dead.exists() and not old.exists() and alive.exists() and other.exists()
+    assert f"removed {dead}" in caplog.text and "interrupted `ptlm prepare`" in caplog.text
+    assert f"{alive} belongs to a running process" in caplog.text
+
+
+def test_read_only_out_is_one_line_error(tmp_path, demo_tokenizer, monkeypatch, capsys):
+    import errno
+    import pathlib
+
+    from ptlm.cli import main
+
+    def read_only(self, *a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", read_only)
+    code = main(["prepare", str(DEMO_CORPUS), "--tokenizer", str(demo_tokenizer), "--seq-len",
+                 "32", "--out", str(tmp_path / "ro" / "d"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "read-only file system" in err and "choose a writable --out" in err
+
+
+def test_out_inside_the_source_folder_is_not_read_back(tmp_path, demo_tokenizer):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text(DEMO_CORPUS.read_text("utf-8"))
+    first = prepare(cfg(tmp_path, sources=[str(corpus)], out=corpus / "prepared",
+                        tokenizer=str(demo_tokenizer)))
+    again = prepare(cfg(tmp_path, sources=[str(corpus)], out=corpus / "prepared",
+                        tokenizer=str(demo_tokenizer), overwrite=True))
+    assert again["sources"] == first["sources"] and again["tokens"] == first["tokens"]
+
+
+def test_skip_bad_rows_counts_them_in_the_manifest(tmp_path, demo_tokenizer):
+    rows = DEMO_CORPUS.read_text("utf-8").splitlines()
+    rows[5:5] = ['{"body": "x"}', "{not json"]
+    (tmp_path / "c.jsonl").write_text("\n".join(rows) + "\n")
+    args = ("prepare", tmp_path / "c.jsonl", "--tokenizer", demo_tokenizer, "--seq-len", 32,
+            "--no-progress")
+    r = run_cli(*args, "--out", tmp_path / "a")
+    assert r.returncode == 2 and "2 row(s) without usable text" in r.stderr
+    assert "c.jsonl:6: no field 'text'" in r.stderr and "c.jsonl:7: not valid JSON" in r.stderr
+    r = run_cli(*args, "--out", tmp_path / "b", "--skip-bad-rows")
+    assert r.returncode == 0, r.stderr
+    m = shards.read_manifest(tmp_path / "b")
+    assert m["bad_rows_skipped"] == 2 and m["documents"] == len(rows) - 2
+
+
+def test_val_share_far_from_val_fraction_is_warned(tmp_path, demo_tokenizer, caplog):
+    (tmp_path / "s.jsonl").write_text(
+        "".join(json.dumps({"text": f"texto {i} " * 40}) + "\n" for i in range(4)))
+    with caplog.at_level("WARNING", logger="ptlm.data.prepare"):
+        m = prepare(cfg(tmp_path, sources=[str(tmp_path / "s.jsonl")], seq_len=32,
+                        tokenizer=str(demo_tokenizer), val_fraction=0.05))
+    assert m["splits"]["val"]["tokens"] > 0.15 * m["tokens"]
+    assert "not the 5.0% of --val-fraction 0.05" in caplog.text
+    with pytest.raises(PtlmError, match=r"--val-fraction 0 is not supported: training measures "
+                                        r"validation loss.*--val-fraction 0.001"):
+        cfg(tmp_path, out=tmp_path / "z", tokenizer=str(demo_tokenizer), val_fraction=0.0)

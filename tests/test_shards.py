@@ -93,3 +93,54 @@ def test_writer_batches_and_take_across_chunks(tmp_path, monkeypatch):
     np.testing.assert_array_equal(blocks.take(idx), data[idx])
     reader = pa.ipc.open_file(tmp_path / meta[0]["file"])
     assert reader.schema.field("input_ids").type == pa.list_(pa.uint16(), 8)
+
+
+# ------------------------------------------------------------ checks before training (issue 9)
+
+def out_of_vocab_id(root):
+    """Set the high byte of one token id of the first train block: the id leaves the vocabulary
+    (demo vocab 1024) while the Arrow structure stays intact."""
+    path = train_shard(root)
+    first = open_split(root, read_manifest(root), "train").take([0])[0]
+    raw = bytearray(path.read_bytes())
+    at = raw.find(first[:16].astype("<u2").tobytes())
+    assert at > 0
+    raw[at + 1] = 0xFF
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_check_for_training_passes_on_a_fresh_dataset(data):
+    got = shards.check_for_training(data)
+    assert got["mode"] == "full" and 0 < got["max_id"] < 1024 and got["bytes"] > 0
+
+
+def test_check_for_training_catches_a_flipped_byte_inside_the_vocabulary(data):
+    path = train_shard(data)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # still a valid id (< 1024 or not, the hash sees it)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(PtlmError, match=r"(?s)is corrupt.*sha256.*ptlm prepare"):
+        shards.check_for_training(data)
+
+
+def test_check_for_training_catches_ids_outside_the_vocabulary_without_hashing(data, monkeypatch):
+    out_of_vocab_id(data)
+    monkeypatch.setenv(shards.DATA_CHECK_ENV, "ids")  # no sha256: the id check alone
+    with pytest.raises(PtlmError, match=r"split 'train': token id 65\d\d\d >= vocabulary size "
+                                        r"1024.*ptlm prepare"):
+        shards.check_for_training(data)
+    monkeypatch.setenv(shards.DATA_CHECK_ENV, "off")
+    assert shards.check_for_training(data)["max_id"] is None
+    monkeypatch.setenv(shards.DATA_CHECK_ENV, "fast")
+    with pytest.raises(PtlmError, match="PTLM_DATA_CHECK='fast'"):
+        shards.check_for_training(data)
+
+
+def test_inspect_checks_the_shards_first(data, capsys):
+    from ptlm.cli import main
+
+    out_of_vocab_id(data)
+    assert main(["inspect", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ptlm inspect: error:") and "sha256" in err

@@ -118,3 +118,66 @@ def test_utf8_bom_is_dropped(tmp_path):
 def test_hub_name_offline_fails_clearly():
     with pytest.raises(PtlmError, match="Hugging Face Hub dataset failed"):
         docs(["someone/not-a-dataset-xyz"])
+
+
+# ------------------------------------------------------------ bad rows and skipped files (issue 9)
+
+def jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_every_bad_row_is_reported_in_one_pass(tmp_path):
+    rows = [{"text": f"doc {i}"} for i in range(50)]
+    rows[3] = {"body": "x"}
+    rows[10] = '{"text": '
+    rows[20] = {"text": 7}
+    rows[40] = ["text"]
+    f = jsonl(tmp_path / "a.jsonl", rows)
+    with pytest.raises(PtlmError) as e:
+        docs([f])
+    msg = str(e.value)
+    assert msg.startswith("4 row(s) without usable text")
+    for line, what in ((4, "no field 'text'"), (11, "not valid JSON"), (21, "field 'text' is int, not text"),
+                       (41, "expected a JSON object")):
+        assert f"a.jsonl:{line}: {what}" in msg
+    assert "--skip-bad-rows" in msg and "--text-field" not in msg  # 46 rows have the field
+    stats = SourceStats()
+    got = list(iter_documents(resolve_sources([str(f)]), SourceOptions(skip_bad_rows=True), stats))
+    assert len(got) == 46 and stats.bad_rows == 4 and stats.documents == 46
+
+
+def test_wrong_text_field_advises_text_field_and_stops_after_the_cap(tmp_path):
+    f = jsonl(tmp_path / "a.jsonl", [{"body": f"doc {i}"} for i in range(1000)])
+    with pytest.raises(PtlmError) as e:
+        docs([f])
+    msg = str(e.value)
+    assert msg.startswith("more than 20 row(s)") and "pass --text-field NAME" in msg
+    assert "a.jsonl:20:" in msg and "a.jsonl:21:" not in msg and "scan stopped" in msg
+
+
+def test_skipped_files_of_a_folder_are_named(tmp_path, caplog):
+    jsonl(tmp_path / "a.jsonl", [{"text": "x"}])
+    (tmp_path / "notes.csv").write_text("a,b")
+    (tmp_path / "gone.jsonl").symlink_to(tmp_path / "missing.jsonl")
+    with caplog.at_level("WARNING", logger="ptlm.data.sources"):
+        srcs = resolve_sources([str(tmp_path)])
+    assert [s.location for s in srcs] == [str(tmp_path / "a.jsonl")]
+    assert "skipping 2 file(s)" in caplog.text
+    assert "gone.jsonl (dangling symlink)" in caplog.text
+    assert "notes.csv (unsupported type '.csv')" in caplog.text
+
+
+def test_output_and_prepare_temporaries_are_never_inputs(tmp_path, caplog):
+    jsonl(tmp_path / "a.jsonl", [{"text": "x"}])
+    for folder in ("out", ".out.tmp-123"):
+        (tmp_path / folder / "tokenizer").mkdir(parents=True)
+        (tmp_path / folder / "manifest.json").write_text("{}")
+        (tmp_path / folder / "tokenizer" / "tokenizer.json").write_text("{}")
+    with caplog.at_level("WARNING", logger="ptlm.data.sources"):
+        srcs = resolve_sources([str(tmp_path)], exclude=[tmp_path / "out"])
+        globbed = resolve_sources([str(tmp_path / "**" / "*.json*")], exclude=[tmp_path / "out"])
+    assert [s.location for s in srcs] == [str(tmp_path / "a.jsonl")]
+    assert [s.location for s in globbed] == [str(tmp_path / "a.jsonl")]
+    assert f"inside --out {tmp_path / 'out'}" in caplog.text
+    assert "a temporary folder of `ptlm prepare`" in caplog.text

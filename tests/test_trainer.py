@@ -221,7 +221,8 @@ def test_overfit_docs_learns(tmp_path, demo_dataset, models):
 def make_cfg(data, out, model, **kw):
     from ptlm.run.config import RunConfig
 
-    return RunConfig(model=str(model), data=data, out=out, from_scratch=True, **kw)
+    return RunConfig.from_flat(dict(model=str(model), data=data, out=out, from_scratch=True,
+                                    **kw))
 
 
 def test_seq_len_above_positions_fails_before_training(tmp_path, demo_dataset):
@@ -255,7 +256,7 @@ def test_pretrained_model_with_a_smaller_vocab_is_resized(tmp_path, demo_dataset
                              num_attention_heads=2, max_position_embeddings=128,
                              word_embed_proj_dim=32)).save_pretrained(small)
     cfg = make_cfg(demo_dataset, tmp_path / "o", small)
-    cfg.from_scratch = False
+    cfg.what.from_scratch = False
     data = PackedDataset(demo_dataset)
     model = build_model(cfg, checked_config(cfg, data), data, "fp32")
     assert model.get_input_embeddings().weight.shape[0] >= 1024
@@ -282,7 +283,8 @@ def test_yaml_config_adamw8bit_and_linear_schedule(tmp_path, demo_dataset, model
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     saved = json.loads((out / "run_config.json").read_text())
-    assert saved["schedule"] == "linear" and saved["lr"] == 0.002  # the flag won
+    assert saved["sched"]["schedule"] == "linear" and saved["optim"]["lr"] == 0.002  # flag won
+    assert saved["forced"]["optimizer"] == "adamw8bit" and saved["what"]["from_scratch"] is True
     assert json.loads((out / "plan.json").read_text())["setting"]["optimizer"] == "adamw8bit"
     assert len(losses(out)) == 4
     cfg.write_text("modle: x\n")

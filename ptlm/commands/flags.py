@@ -1,44 +1,94 @@
-"""Flags shared by several commands, declared once: the Setting knobs (`ptlm plan`, `ptlm probe`,
-`ptlm train`: a flag that is given is forced, the planner chooses the rest) and the hardware to
-plan for."""
+"""Flags declared once. `add_dataclass_arguments` turns a dataclass's fields into flags (field
+`max_steps` -> `--max-steps`, type from the annotation, help/choices/metavar from the field's
+metadata), so `ptlm train` (ptlm.run.config.RunConfig) and the Setting knobs of `ptlm plan` /
+`ptlm probe` / `ptlm train` (ptlm.plan.setting.Forced: a knob that is given is forced, the planner
+chooses the rest) have no hand-written flags. Also the hardware to plan for."""
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
+import typing
+from dataclasses import MISSING, fields, is_dataclass, replace
 
 from ptlm.errors import PtlmError
 from ptlm.plan.facts import KNOWN_GPUS, UNKNOWN_GPU, HardwareFacts, lookup_gpu
-from ptlm.plan.setting import OFFLOADS, OPTIMIZERS, PRECISIONS, ZERO_STAGES
+from ptlm.plan.setting import Forced
+from ptlm.run.config import field_type
 from ptlm.units import parse_size
 
 ON_OFF = {"on": True, "off": False}
+SETTING_TITLE = "setting (force any of these; the rest is chosen)"
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, title: str | None = None,
+                            ) -> None:
+    """One flag per field of dataclass `cls`; a field whose type is itself a dataclass becomes
+    an argument group (titled by its docstring) of its own fields. Flags default to None (not
+    given), so YAML values and the dataclass defaults apply; `dataclass_values` reads them back.
+
+    bool -> `--x` / `--no-x`; `bool | None` (a tri-state knob) -> `--x on|off`;
+    tuple[T, T] -> two values; `choices` / `metavar` from the metadata."""
+    target = parser.add_argument_group(title) if title else parser
+    for f in fields(cls):
+        base, optional = field_type(cls, f)
+        if is_dataclass(base):
+            add_dataclass_arguments(parser, base, (base.__doc__ or base.__name__).strip()
+                                    .splitlines()[0])
+            continue
+        help_text = f.metadata.get("help")
+        if not help_text:
+            raise TypeError(f"{cls.__name__}.{f.name} has no help text: declare it with "
+                            "field(metadata={'help': ...})")
+        if f.default not in (MISSING, None) and base is not bool:
+            help_text += f" (default: {_shown(f.default)})"
+        kw: dict = {"dest": f.name, "default": None, "help": help_text}
+        if base is bool and optional:
+            kw.update(type=_on_off, metavar="{on,off}")
+        elif base is bool:
+            kw.update(action=argparse.BooleanOptionalAction)
+            if f.default is not MISSING:
+                kw["help"] += f" (default: {'on' if f.default else 'off'})"
+        elif typing.get_origin(base) is tuple:
+            items = typing.get_args(base)
+            kw.update(type=items[0], nargs="+" if items[-1] is Ellipsis else len(items))
+        else:
+            kw["type"] = base
+        for key in ("choices", "metavar"):
+            if key in f.metadata:
+                kw[key] = f.metadata[key]
+        target.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def dataclass_values(args: argparse.Namespace, cls) -> dict:
+    """The flags of `cls` (and its nested groups) that were given, flat: {field name: value}."""
+    values = {}
+    for f in fields(cls):
+        base, _ = field_type(cls, f)
+        if is_dataclass(base):
+            values.update(dataclass_values(args, base))
+        elif getattr(args, f.name, None) is not None:
+            values[f.name] = getattr(args, f.name)
+    return values
+
+
+def _on_off(text: str) -> bool:
+    if text.lower() not in ON_OFF:
+        raise argparse.ArgumentTypeError(f"give on or off, not {text!r}")
+    return ON_OFF[text.lower()]
+
+
+def _shown(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
-    """The Setting knobs as flags; each one given is forced, the others are chosen."""
-    g = parser.add_argument_group("setting (force any of these; the rest is chosen)")
-    g.add_argument("--precision", choices=PRECISIONS)
-    g.add_argument("--zero", type=int, choices=ZERO_STAGES, help="ZeRO stage")
-    g.add_argument("--offload", choices=OFFLOADS,
-                   help="CPU offload: optimizer (ZeRO 1-3) or parameters (ZeRO-3, implies optimizer)")
-    g.add_argument("--checkpointing", choices=ON_OFF, help="gradient checkpointing of the layers")
-    g.add_argument("--optimizer", choices=OPTIMIZERS)
-    g.add_argument("--chunked-loss", choices=ON_OFF,
-                   help="chunked LM-head + loss (never materializes the full logits)")
-    g.add_argument("--micro-batch", type=int, metavar="N", help="sequences per GPU per micro-step")
+    """The Setting knobs (ptlm.plan.setting.Forced) as flags; each one given is forced."""
+    add_dataclass_arguments(parser, Forced, SETTING_TITLE)
 
 
-def setting_overrides(args: argparse.Namespace) -> dict:
-    """The Setting fields the user forced, as Setting's own types."""
-    forced = {}
-    for name in ("precision", "zero", "offload", "optimizer", "micro_batch"):
-        if getattr(args, name, None) is not None:
-            forced[name] = getattr(args, name)
-    for name in ("checkpointing", "chunked_loss"):
-        if getattr(args, name, None) is not None:
-            forced[name] = ON_OFF[getattr(args, name)]
-    return forced
+def forced_from_args(args: argparse.Namespace) -> Forced:
+    """The Setting knobs the user forced."""
+    return Forced(**dataclass_values(args, Forced))
 
 
 def add_hardware_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +107,11 @@ def hardware_from_args(args: argparse.Namespace) -> HardwareFacts:
     """--gpu / --gpus / --gpu-memory, else this machine's GPUs (ptlm.hardware.detect)."""
     from ptlm.run import hardware  # the only module that touches torch.cuda / psutil
 
+    for flag, value, what in (("--gpus", args.gpus, "GPUs per node"), ("--nodes", args.nodes,
+                                                                      "nodes")):
+        if value is not None and value < 1:
+            raise PtlmError(f"{flag} {value}: nothing to plan for; give {flag} 1 or more ({what}), "
+                            "e.g. --gpu T4 --gpus 1")
     host = parse_size(args.host_memory) if args.host_memory else hardware.host_memory_bytes()
     if args.gpu:
         spec = lookup_gpu(args.gpu)

@@ -17,6 +17,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     manifest = shards.read_manifest(args.dir)
+    checked = shards.check_for_training(args.dir)  # sha256 + ids: never show corrupt data as fine
     blocks = first_blocks(args.dir, manifest)
     if args.json:
         print(json.dumps({"manifest": manifest, "first_blocks": blocks}, indent=2,
@@ -24,6 +25,10 @@ def run(args) -> int:
         return 0
     print(f"{args.dir}")
     print(summary(manifest))
+    if checked["max_id"] is not None:
+        print(f"checked ({shards.DATA_CHECK_ENV}={checked['mode']}): "
+              f"{'sha256 of every shard and ' if checked['mode'] == 'full' else ''}largest token id "
+              f"{checked['max_id']} < vocabulary {manifest['tokenizer']['vocab_size']}")
     for split, block in blocks.items():
         print(f"\n--- first {split} block, decoded ---")
         if block is None:

@@ -3,8 +3,9 @@
     ptlm plan --model opt-125m --seq-len 1024 --global-batch 16 --gpu T4
     ptlm plan --model ./my-model --seq-len 2048 --gpus 8 --gpu-memory 40GiB --zero 3 --json
 
-The Setting flags (`add_setting_arguments` / `setting_overrides`) are shared with `ptlm probe`
-and launch/train.py: a flag that is given is forced, the planner chooses the rest.
+The Setting flags (`add_setting_arguments` / `forced_from_args`, generated from
+ptlm.plan.setting.Forced) are shared with `ptlm probe` and `ptlm train`: a flag that is given is
+forced, the planner chooses the rest.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from pathlib import Path
 from ptlm.commands.flags import (
     add_hardware_arguments,
     add_setting_arguments,
+    forced_from_args,
     hardware_from_args,
-    setting_overrides,
 )
 from ptlm.model.config import model_facts
 from ptlm.plan.facts import KNOWN_CONFIGS, GiB
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     model = model_facts(args.model)
     hw = hardware_from_args(args)
     job = Job(seq_len=args.seq_len, global_batch=args.global_batch)
-    result = plan(model, hw, job, setting_overrides(args))
+    result = plan(model, hw, job, forced_from_args(args).to_dict())
     if not args.host_memory and hw.host_memory_bytes:
         result.notes.append(f"host RAM: this machine's {hw.host_memory_bytes / GiB:.0f} GiB; pass "
                             "--host-memory to plan for another machine")

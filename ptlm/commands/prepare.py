@@ -30,10 +30,15 @@ def add_arguments(p) -> None:
                         "separated paragraph")
     p.add_argument("--decode-errors", choices=sources.DECODE_POLICIES, default="strict",
                    help="undecodable UTF-8: stop with an error (strict) or replace with U+FFFD")
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="skip rows without usable text (bad JSON, no --text-field, not text) and "
+                        "count them in the manifest (default: stop and list up to "
+                        f"{sources.MAX_BAD_ROWS_LISTED} of them)")
     p.add_argument("--hf-split", default="train", help="split of a hub/datasets source")
     p.add_argument("--hf-config", help="config name of a hub dataset")
     p.add_argument("--val-fraction", type=float, default=0.05,
-                   help="share of tokens held out for validation, by whole documents")
+                   help="share of tokens held out for validation, by whole documents (at least "
+                        "one block; 0 is refused: training evaluates on the val split)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-proc", type=int, default=1,
                    help="tokenizer processes (1 already uses every core through the Rust "
@@ -52,7 +57,7 @@ def config_from_args(args) -> PrepareConfig:
         overwrite=args.overwrite, shard_bytes=parse_size(args.shard_size),
         source_options=sources.SourceOptions(
             text_field=args.text_field, txt_docs=args.txt_docs, decode_errors=args.decode_errors,
-            hf_split=args.hf_split, hf_config=args.hf_config),
+            hf_split=args.hf_split, hf_config=args.hf_config, skip_bad_rows=args.skip_bad_rows),
         progress=False if args.no_progress else None)
 
 

@@ -5,21 +5,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 
 from ptlm.errors import PtlmError
 from ptlm.plan.probe_cache import cache_key, divisors, largest_fitting, write_cache
 from ptlm.run.probe import Trials, format_result
 
+log = logging.getLogger(__name__)
+
 
 def add_arguments(p) -> None:
     from ptlm.commands.flags import add_setting_arguments
 
     p.add_argument("--model", required=True, help="hub name, HF folder, or a ptlm alias")
-    p.add_argument("--seq-len", type=int, required=True)
+    p.add_argument("--data", help="folder written by `ptlm prepare`: the model is built as "
+                                  "`ptlm train --data` builds it (vocabulary sized/checked against "
+                                  "the data's tokenizer; seq_len from the data)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the --data's)")
     p.add_argument("--global-batch", type=int, default=16)
     p.add_argument("--from-scratch", action="store_true",
                    help="random weights from the config (memory is the same)")
+    p.add_argument("--ds-config", help="the DeepSpeed template the run will use (ds_configs/*.json)")
     p.add_argument("--simulate-gpu-memory", help="CPU rehearsal: treat a trial whose predicted "
                                                  "peak exceeds this (e.g. 16GiB) as out of memory")
     p.add_argument("--json", action="store_true")
@@ -29,38 +36,65 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    import deepspeed
+    from ptlm.run.distributed import shutdown
 
-    from ptlm.commands.flags import setting_overrides
-    from ptlm.model.config import resolve_config
-    from ptlm.model.load import load_model
-    from ptlm.model.loss import LossModule
+    clean = False
+    try:
+        code = _run(args)
+        clean = True
+        return code
+    finally:
+        shutdown(clean)
+
+
+def source_and_seq_len(args):
+    """The model as training builds it (ptlm.run.setup.model_source), and the sequence length."""
+    from ptlm.run import setup as runsetup
+
+    data = None
+    if args.data:
+        from ptlm.data.reader import PackedDataset
+
+        data = PackedDataset(args.data, "train")
+        if args.seq_len is not None and args.seq_len != data.seq_len:
+            raise PtlmError(f"--seq-len {args.seq_len}, but {args.data} holds blocks of "
+                            f"{data.seq_len} tokens; drop --seq-len or prepare the data again")
+    elif args.seq_len is None:
+        raise PtlmError("give --seq-len, or --data (the prepared data the run will train on)")
+    source = runsetup.model_source(args.model, args.from_scratch, data)
+    if data is None and args.from_scratch:
+        log.warning("--from-scratch without --data: the embedding table is the config's own "
+                    "(%s rows); `ptlm train` sizes it to the data's tokenizer, give --data to "
+                    "probe the same model", getattr(source.config, "vocab_size", "?"))
+    return source, (data.seq_len if data is not None else args.seq_len)
+
+
+def probe_plan(args, source, seq_len: int, world_size: int, gpu: bool):
+    """Rank 0's plan for the probe, shared with every rank (as training's resolve_plan)."""
+    from ptlm.commands.flags import forced_from_args
+    from ptlm.run import setup as runsetup
+
+    forced = forced_from_args(args)
+    return runsetup.rank0_plan(lambda: runsetup.plan_for(
+        args.model, source.config, seq_len, args.global_batch, forced, world_size, gpu,
+        use_probe_cache=False))
+
+
+def _run(args) -> int:
+    from ptlm.plan.dsconfig import OptimizerHyper
     from ptlm.run import setup as runsetup
     from ptlm.run.distributed import init
+    from ptlm.run.engine import build_engine
     from ptlm.units import parse_size
 
     dist = init()
     gpu = runsetup.on_gpu()
-    forced = setting_overrides(args)
-    config = resolve_config(args.model)
-    p = runsetup.plan_for(args.model, config, args.seq_len, args.global_batch, forced,
-                          dist.world_size, gpu, use_probe_cache=False)
-    model = load_model(config if args.from_scratch else args.model, precision=p.setting.precision)
-    if p.setting.checkpointing:
-        from ptlm.model.load import enable_checkpointing
-
-        enable_checkpointing(model)
-    from ptlm.model.optim import build_optimizer
-    from ptlm.plan.dsconfig import build_ds_config
-
-    ds = build_ds_config(p)
-    params = ds.pop("optimizer", {}).get("params", {})
-    ds["zero_allow_untested_optimizer"] = True
-    optimizer = build_optimizer(p.setting, model.named_parameters(), lr=params.get("lr", 1e-5))
-    if optimizer is None:
-        ds["optimizer"] = {"type": "AdamW", "params": params}
-    engine, *_ = deepspeed.initialize(model=LossModule(model, p.setting.chunked_loss),
-                                      optimizer=optimizer, config=ds)
+    source, seq_len = source_and_seq_len(args)
+    p = probe_plan(args, source, seq_len, dist.world_size, gpu)
+    # the builder training uses; the hyper-parameters' values change no memory
+    built = build_engine(p, source, OptimizerHyper(), args.ds_config)
+    engine, model = built.engine, built.model
+    args.seq_len = seq_len
     simulate = parse_size(args.simulate_gpu_memory) if args.simulate_gpu_memory else None
     trials = Trials(engine, dist, p, args.seq_len, model.config.vocab_size, simulate)
     t0 = time.perf_counter()
@@ -72,7 +106,8 @@ def run(args) -> int:
     result = {"largest_micro_batch": largest, "planned_micro_batch": p.micro_batch,
               "trials": {str(k): v for k, v in sorted(trials.results.items())},
               "device": hw.gpu_name, "simulated_gpu_memory": simulate,
-              "seconds": time.perf_counter() - t0, "time": time.time()}
+              "seconds": time.perf_counter() - t0, "time": time.time(),
+              "engine": built.record()}
     if dist.is_main:
         write_cache(key, result)
         print(json.dumps(result, indent=2) if args.json else format_result(p, result))

@@ -13,9 +13,11 @@ never leaves a half-made DIR.
 
 from __future__ import annotations
 
+import errno
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import time
@@ -70,6 +72,12 @@ class PrepareConfig:
         if (self.tokenizer is None) == (self.train_tokenizer is None):
             raise PtlmError("give exactly one of --tokenizer NAME_OR_PATH or --train-tokenizer "
                             "VOCAB_SIZE")
+        if self.val_fraction == 0.0:
+            raise PtlmError(
+                "--val-fraction 0 is not supported: training measures validation loss and "
+                "perplexity on the val split (at step 0, after each epoch and at the end) and "
+                "needs one. The smallest split is one block of --seq-len tokens: pass a small "
+                "fraction such as --val-fraction 0.001")
         if not 0.0 < self.val_fraction < 1.0:
             raise PtlmError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.num_proc < 1:
@@ -254,18 +262,72 @@ def _tokenizer_into(cfg: PrepareConfig, srcs, dest: Path) -> toks.TokenizerInfo:
     return toks.describe(dest, cfg.tokenizer)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def clean_stale_temporaries(out: Path) -> list[Path]:
+    """Remove the `.OUT.tmp-PID` / `.OUT.old-PID` folders that killed runs of `ptlm prepare
+    --out OUT` left next to OUT (their process is gone); name each one in a warning. A folder of
+    a process still running (a concurrent prepare) is left alone, and said so. Returns the
+    removed folders. (PIDs are of this host: on a folder shared by several hosts, a live prepare
+    elsewhere may look dead here; do not prepare the same --out from two hosts at once.)"""
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-(\d+)$")
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    for entry in sorted(out.parent.iterdir()):
+        m = pattern.match(entry.name)
+        if not m or not entry.is_dir():
+            continue
+        pid = int(m.group(2))
+        if pid != os.getpid() and _pid_alive(pid):
+            log.warning("%s belongs to a running process (pid %d), maybe another `ptlm prepare` "
+                        "of the same --out; leaving it", entry, pid)
+            continue
+        size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+        shutil.rmtree(entry, ignore_errors=True)
+        log.warning("removed %s (%.1f MiB) left by an interrupted `ptlm prepare` (pid %d, no "
+                    "longer running)", entry, size / 2**20, pid)
+        removed.append(entry)
+    return removed
+
+
+_NO_WRITE = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+             errno.EPERM: "permission denied", errno.ENOSPC: "no space left on device",
+             errno.EDQUOT: "disk quota exceeded"}
+
+
+def _write_error(e: OSError, out: Path) -> PtlmError:
+    what = _NO_WRITE[e.errno]
+    fix = ("free some space or choose --out on another disk"
+           if e.errno in (errno.ENOSPC, errno.EDQUOT) else "choose a writable --out")
+    return PtlmError(f"cannot write --out {out} ({what}: {e.filename or out.parent}); {fix}")
+
+
 def prepare(cfg: PrepareConfig) -> dict:
     """Run the whole job; returns the manifest written to cfg.out."""
-    srcs = sources.resolve_sources(cfg.sources)
     out = cfg.out.resolve()
+    srcs = sources.resolve_sources(cfg.sources, exclude=[out])
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
-        manifest = _prepare_into(cfg, srcs, tmp)
-        _commit(tmp, out, cfg.overwrite)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        clean_stale_temporaries(out)
+        tmp.mkdir(parents=True)
+        try:
+            manifest = _prepare_into(cfg, srcs, tmp)
+            _commit(tmp, out, cfg.overwrite)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        if e.errno in _NO_WRITE:
+            raise _write_error(e, out) from None
+        raise
     return manifest
 
 
@@ -285,6 +347,7 @@ def _prepare_into(cfg: PrepareConfig, srcs, tmp: Path) -> dict:
                         f"--text-field {cfg.source_options.text_field!r}")
     tokenize_s = time.perf_counter() - t0
     val_mask = packing.choose_val_docs(lengths, cfg.val_fraction, cfg.seq_len, cfg.seed)
+    _warn_if_val_share_off(cfg, lengths, val_mask)
     splits = {}
     for split, mask in (("train", ~val_mask), ("val", val_mask)):
         writer = shards.ShardWriter(tmp, split, cfg.seq_len, dtype, cfg.shard_bytes)
@@ -298,6 +361,7 @@ def _prepare_into(cfg: PrepareConfig, srcs, tmp: Path) -> dict:
         "tokenizer": {"path": shards.TOKENIZER_DIR, **info.to_dict()},
         "documents": stats.documents, "empty_documents_skipped": stats.empty_skipped,
         "documents_with_replaced_bytes": stats.replaced,
+        "bad_rows_skipped": stats.bad_rows,
         "tokens": int(lengths.sum()),
         "splits": splits,
         "sources": sources.source_fingerprint(srcs),
@@ -308,6 +372,27 @@ def _prepare_into(cfg: PrepareConfig, srcs, tmp: Path) -> dict:
     }
     shards.write_json_atomic(tmp / shards.MANIFEST, manifest)
     return manifest
+
+
+VAL_SHARE_TOLERANCE = 2.0  # warn when the val share is off --val-fraction by more than this factor
+
+
+def _warn_if_val_share_off(cfg: PrepareConfig, lengths: np.ndarray, val_mask: np.ndarray) -> None:
+    """Validation is cut by whole documents and holds at least one block: on a small corpus, or
+    one of a few long documents, its share can be far from --val-fraction. Say so."""
+    share = float(lengths[val_mask].sum()) / max(1, int(lengths.sum()))
+    ratio = share / cfg.val_fraction
+    if 1 / VAL_SHARE_TOLERANCE <= ratio <= VAL_SHARE_TOLERANCE:
+        return
+    log.warning("the validation split holds %.1f%% of the tokens (%d of %d documents), not the "
+                "%.1f%% of --val-fraction %g: it takes whole documents and at least one block of "
+                "%d tokens, and this corpus has %d tokens. %s", 100 * share, int(val_mask.sum()),
+                len(lengths), 100 * cfg.val_fraction, cfg.val_fraction, cfg.seq_len,
+                int(lengths.sum()),
+                "Add text, lower --seq-len, or split long texts into more documents (e.g. "
+                "--txt-docs blank-lines)" if ratio > 1 else
+                "The documents are large compared to the target: split them into smaller ones "
+                "(e.g. --txt-docs blank-lines) for a closer share")
 
 
 def _commit(tmp: Path, out: Path, overwrite: bool) -> None:

@@ -42,6 +42,11 @@ class PackedDataset(torch.utils.data.Dataset):
             raise IndexError(f"block {i} out of range for {len(self)} blocks")
         return torch.from_numpy(self.blocks.take([i % len(self)])[0].astype(np.int64))
 
+    def check_data(self) -> dict:
+        """Check every shard of the dataset (all splits) before use: sha256 against the manifest
+        and the largest token id against the vocabulary (shards.check_for_training)."""
+        return shards.check_for_training(self.root)
+
     def document_lengths(self) -> np.ndarray:
         """Tokens (EOS included) of each document of the split, in stream order."""
         return shards.document_lengths(self.root, self.manifest, self.split)

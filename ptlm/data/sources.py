@@ -13,18 +13,26 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from ptlm.errors import PtlmError
 
+log = logging.getLogger(__name__)
+
 FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 TXT_DOC_MODES = ("file", "lines", "blank-lines")
 DECODE_POLICIES = ("strict", "replace")
 PARQUET_BATCH_ROWS = 1024  # rows per parquet read: bounds memory for long documents
 GLOB_CHARS = set("*?[")
+MAX_BAD_ROWS_LISTED = 20  # bad rows named in one error (the scan stops after one more)
+MAX_SKIPPED_LISTED = 20  # skipped files named in the warning
+# `ptlm prepare`'s own temporaries (.OUT.tmp-PID, .OUT.old-PID): never read back as input
+PREPARE_TEMP = re.compile(r"^\..+\.(tmp|old)-\d+$")
 
 
 @dataclass
@@ -34,6 +42,7 @@ class SourceOptions:
     decode_errors: str = "strict"
     hf_split: str = "train"
     hf_config: str | None = None
+    skip_bad_rows: bool = False  # rows without usable text: skip and count them, or stop
 
     def __post_init__(self) -> None:
         if self.txt_docs not in TXT_DOC_MODES:
@@ -57,7 +66,18 @@ class SourceStats:
     documents: int = 0
     empty_skipped: int = 0
     replaced: int = 0  # documents where undecodable bytes were replaced
+    bad_rows: int = 0  # rows without usable text (bad JSON, no such field, not text)
+    bad_examples: list = field(default_factory=list)  # the first MAX_BAD_ROWS_LISTED of them
     per_source: dict = field(default_factory=dict)
+
+
+class BadRow(PtlmError):
+    """One record without usable text: reported with the others (or skipped), not alone."""
+
+
+@dataclass
+class _Bad:
+    problem: str
 
 
 def _is_datasets_folder(path: Path) -> bool:
@@ -78,10 +98,49 @@ def _looks_like_hub_id(spec: str) -> bool:
     return 1 <= len(parts) <= 2 and all(parts) and not Path(spec).suffix and not spec.startswith(".")
 
 
-def resolve_sources(specs: list[str]) -> list[Source]:
-    """Expand globs and folders into an ordered list of sources (sorted, so runs are repeatable)."""
+def _excluded(path: Path, exclude: list[Path]) -> str | None:
+    """Why `path` must not be read as input (it is prepare's own output), or None."""
+    if any(PREPARE_TEMP.match(part) for part in path.parts):
+        return "a temporary folder of `ptlm prepare`"
+    resolved = path.resolve()
+    for ex in exclude:
+        if resolved == ex or ex in resolved.parents:
+            return f"inside --out {ex}"
+    return None
+
+
+def _folder_files(path: Path, exclude: list[Path]) -> list[Path]:
+    """The corpus files of a folder, sorted; every other entry is named in a warning."""
+    files, skipped = [], []
+    for p in sorted(path.rglob("*")):
+        if p.is_dir():
+            continue
+        why = _excluded(p, exclude)
+        if why is None and p.is_symlink() and not p.exists():
+            why = "dangling symlink"
+        elif why is None and not p.is_file():
+            why = "not a regular file"
+        elif why is None and p.suffix.lower() not in FILE_SUFFIXES:
+            why = f"unsupported type {p.suffix.lower() or '(no suffix)'!r}"
+        if why is None:
+            files.append(p)
+        else:
+            skipped.append(f"{p} ({why})")
+    if skipped:
+        listed = skipped[:MAX_SKIPPED_LISTED]
+        more = len(skipped) - len(listed)
+        log.warning("folder %s: skipping %d file(s) that are not corpus input (reads %s):\n  %s%s",
+                    path, len(skipped), "/".join(FILE_SUFFIXES), "\n  ".join(listed),
+                    f"\n  ... and {more} more" if more else "")
+    return files
+
+
+def resolve_sources(specs: list[str], exclude: list[Path] | None = None) -> list[Source]:
+    """Expand globs and folders into an ordered list of sources (sorted, so runs are repeatable).
+    Files under `exclude` (prepare's --out) and prepare's temporaries are never inputs."""
     if not specs:
         raise PtlmError("no SOURCE given: name at least one file, folder, glob or hub dataset")
+    exclude = [Path(e).resolve() for e in exclude or []]
     out: list[Source] = []
     for spec in specs:
         if GLOB_CHARS & set(spec):
@@ -89,15 +148,19 @@ def resolve_sources(specs: list[str]) -> list[Source]:
             if not matches:
                 raise PtlmError(f"source glob {spec!r} matched no file")
             for m in matches:
-                out.extend(resolve_sources([m]) if Path(m).is_dir() else [_file_source(Path(m))])
+                if Path(m).is_dir():
+                    out.extend(resolve_sources([m], exclude))
+                elif (why := _excluded(Path(m), exclude)) is not None:
+                    log.warning("source glob %r: skipping %s (%s)", spec, m, why)
+                else:
+                    out.append(_file_source(Path(m)))
             continue
         path = Path(spec)
         if path.is_dir():
             if _is_datasets_folder(path):
                 out.append(Source("datasets", str(path)))
                 continue
-            files = sorted(p for p in path.rglob("*")
-                           if p.is_file() and p.suffix.lower() in FILE_SUFFIXES)
+            files = _folder_files(path, exclude)
             if not files:
                 raise PtlmError(f"folder {path} holds no {'/'.join(FILE_SUFFIXES)} file and is not "
                                 "a datasets.save_to_disk folder")
@@ -153,14 +216,14 @@ def _iter_txt(path: str, opts: SourceOptions) -> Iterator[tuple[str, bool]]:
 
 def _text_of(record, where: str, opts: SourceOptions):
     if not isinstance(record, dict):
-        raise PtlmError(f"{where}: expected a JSON object with a {opts.text_field!r} field, got "
-                        f"{type(record).__name__}")
+        raise BadRow(f"{where}: expected a JSON object with a {opts.text_field!r} field, got "
+                     f"{type(record).__name__}")
     if opts.text_field not in record:
-        raise PtlmError(f"{where}: no field {opts.text_field!r} (fields: "
-                        f"{', '.join(map(str, record)) or 'none'}); pass --text-field NAME")
+        raise BadRow(f"{where}: no field {opts.text_field!r} (fields: "
+                     f"{', '.join(map(str, record)) or 'none'})")
     text = record[opts.text_field]
     if text is not None and not isinstance(text, str):
-        raise PtlmError(f"{where}: field {opts.text_field!r} is {type(text).__name__}, not text")
+        raise BadRow(f"{where}: field {opts.text_field!r} is {type(text).__name__}, not text")
     return text
 
 
@@ -176,9 +239,13 @@ def _iter_jsonl(path: str, opts: SourceOptions) -> Iterator[tuple[str, bool]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise PtlmError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON "
-                                "object") from None
-            yield _text_of(record, where, opts), replaced
+                yield _Bad(f"{where}: not valid JSON ({e.msg}); each line must be one JSON "
+                           "object"), False
+                continue
+            try:
+                yield _text_of(record, where, opts), replaced
+            except BadRow as e:
+                yield _Bad(str(e)), False
 
 
 def _iter_json(path: str, opts: SourceOptions) -> Iterator[tuple[str, bool]]:
@@ -194,7 +261,10 @@ def _iter_json(path: str, opts: SourceOptions) -> Iterator[tuple[str, bool]]:
     except json.JSONDecodeError as e:
         raise PtlmError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     for i, record in enumerate(records):
-        yield _text_of(record, f"{path}[{i}]", opts), replaced
+        try:
+            yield _text_of(record, f"{path}[{i}]", opts), replaced
+        except BadRow as e:
+            yield _Bad(str(e)), False
 
 
 def _check_column(names: list[str], where: str, opts: SourceOptions) -> None:
@@ -241,7 +311,10 @@ def _iter_hub(name: str, opts: SourceOptions) -> Iterator[tuple[str, bool]]:
         raise PtlmError(f"source {name!r} is not a local file or folder, and loading it as a "
                         f"Hugging Face Hub dataset failed: {type(e).__name__}: {e}") from None
     for i, record in enumerate(ds):
-        yield _text_of(record, f"{name}[{i}]", opts), False
+        try:
+            yield _text_of(record, f"{name}[{i}]", opts), False
+        except BadRow as e:
+            yield _Bad(str(e)), False
 
 
 _READERS = {"txt": _iter_txt, "jsonl": _iter_jsonl, "json": _iter_json, "parquet": _iter_parquet,
@@ -250,11 +323,25 @@ _READERS = {"txt": _iter_txt, "jsonl": _iter_jsonl, "json": _iter_json, "parquet
 
 def iter_documents(sources: list[Source], opts: SourceOptions,
                    stats: SourceStats | None = None) -> Iterator[str]:
-    """Yield every non-empty document, in source order. Updates `stats` as it goes."""
+    """Yield every non-empty document, in source order. Updates `stats` as it goes.
+
+    Rows without usable text are skipped and counted with opts.skip_bad_rows; otherwise the
+    first bad row stops the yielding, the scan goes on to collect up to MAX_BAD_ROWS_LISTED of
+    them, and one PtlmError names them all."""
     stats = stats if stats is not None else SourceStats()
     for src in sources:
         n = 0
         for text, replaced in _READERS[src.kind](src.location, opts):
+            if isinstance(text, _Bad):
+                stats.bad_rows += 1
+                if len(stats.bad_examples) < MAX_BAD_ROWS_LISTED:
+                    stats.bad_examples.append(text.problem)
+                if not opts.skip_bad_rows and stats.bad_rows > MAX_BAD_ROWS_LISTED:
+                    break  # enough to show; the error below says there are more
+                continue
+            if stats.bad_rows and not opts.skip_bad_rows:
+                stats.documents += 1  # counted for the message; no longer tokenized
+                continue
             if not text:
                 stats.empty_skipped += 1
                 continue
@@ -263,6 +350,30 @@ def iter_documents(sources: list[Source], opts: SourceOptions,
             n += 1
             yield text
         stats.per_source[src.describe()] = n
+        if not opts.skip_bad_rows and stats.bad_rows > MAX_BAD_ROWS_LISTED:
+            break
+    if stats.bad_rows and not opts.skip_bad_rows:
+        raise PtlmError(bad_rows_message(stats, opts))
+    if stats.bad_rows:
+        log.warning("skipped %d row(s) without usable text (--skip-bad-rows; counted in the "
+                    "manifest as bad_rows_skipped); the first: %s", stats.bad_rows,
+                    stats.bad_examples[0])
+
+
+def bad_rows_message(stats: SourceStats, opts: SourceOptions) -> str:
+    capped = stats.bad_rows > MAX_BAD_ROWS_LISTED
+    count = f"more than {MAX_BAD_ROWS_LISTED}" if capped else str(stats.bad_rows)
+    head = f"{count} row(s) without usable text"
+    if stats.documents:
+        advice = (f"the {stats.documents} other row(s) read so far have field "
+                  f"{opts.text_field!r}: fix these rows, or pass --skip-bad-rows to skip them "
+                  "(counted in the manifest)")
+    else:
+        advice = (f"no row read so far has a usable field {opts.text_field!r}: pass --text-field "
+                  "NAME with the field that holds the text")
+    listed = "\n  ".join(stats.bad_examples)
+    return f"{head}; {advice}:\n  {listed}" + (
+        f"\n  ... (scan stopped after {MAX_BAD_ROWS_LISTED + 1} bad rows)" if capped else "")
 
 
 def source_fingerprint(sources: list[Source]) -> list[dict]:

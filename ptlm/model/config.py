@@ -8,7 +8,9 @@ Only the config is read: no weights, and remote code is never trusted.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from ptlm.errors import PtlmError
 from ptlm.plan.facts import KNOWN_CONFIGS, KNOWN_NAMES, ModelFacts
@@ -22,6 +24,10 @@ KNOWN_HUB_NAMES = {"facebook/opt-125m": "opt-125m", "facebook/opt-350m": "opt-35
 MAX_POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length",
                        "seq_length", "max_seq_len")
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+PROXY_ENV = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+# Without network, huggingface_hub retries for ~30 s before transformers gives up: one TCP
+# connect to the hub, bounded by this, tells first.
+HUB_PROBE_TIMEOUT_S = 3.0
 
 
 def builtin_alias(spec: str) -> str | None:
@@ -54,9 +60,24 @@ def _offline() -> bool:
     return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in OFFLINE_ENV)
 
 
+def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """Why the hub (HF_ENDPOINT) cannot be reached, or None when it can (or behind a proxy,
+    which a direct connect cannot judge)."""
+    if any(os.environ.get(k) for k in PROXY_ENV):
+        return None
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{host}:{port}: {e.strerror or e}"
+    return None
+
+
 def resolve_config(spec: str):
     """The transformers config for `spec`: built-in table first (offline), then a local folder or
-    config.json, then the hub (skipped at once when HF_HUB_OFFLINE is set)."""
+    config.json, then the hub. Offline (HF_HUB_OFFLINE) or with the hub unreachable, only the
+    local Hugging Face cache is tried, and a miss fails at once instead of after retries."""
     alias = builtin_alias(spec)
     if alias:
         return known_config(alias)
@@ -64,10 +85,20 @@ def resolve_config(spec: str):
 
     path = Path(spec).expanduser()
     source = str(path.parent) if path.name == "config.json" else str(spec)
-    if not Path(source).exists() and _offline():
-        raise PtlmError(f"--model {spec}: not a local folder, and the hub is off (HF_HUB_OFFLINE); "
-                        f"give a folder with config.json or a built-in alias: "
-                        f"{', '.join(KNOWN_CONFIGS)}")
+    if not Path(source).exists():
+        why = "the hub is off (HF_HUB_OFFLINE)" if _offline() else hub_unreachable()
+        if why is not None:
+            try:
+                return AutoConfig.from_pretrained(source, trust_remote_code=False,
+                                                  local_files_only=True)
+            except Exception:  # noqa: BLE001 - not in the local cache
+                pass
+            if not _offline():
+                why = f"the Hugging Face hub is unreachable ({why}); set HF_HUB_OFFLINE=1 when " \
+                      "working without network"
+            raise PtlmError(f"--model {spec}: not a local folder nor in the local Hugging Face "
+                            f"cache, and {why}. Give a folder with config.json or a built-in "
+                            f"alias: {', '.join(KNOWN_CONFIGS)}")
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - transformers raises many types; the user needs one message

@@ -84,6 +84,10 @@ def _load_folder(folder: str, common: dict) -> PreTrainedModel:
         raise PtlmError(f"{folder!r} has no config.json: point --model at a folder written by "
                         "save_pretrained, or give a hub name")
     has_safetensors = bool(glob.glob(os.path.join(folder, "*.safetensors*")))
+    if not has_safetensors and not glob.glob(os.path.join(folder, "pytorch_model*.bin*")):
+        raise PtlmError(f"{folder!r} holds a config.json but no weights (no model.safetensors or "
+                        "pytorch_model.bin): pass --from-scratch to train this architecture from a "
+                        "random initialization, or point --model at a folder with weights")
     if not has_safetensors:
         log.warning("%s has no safetensors weights; loading the pickled pytorch_model.bin "
                     "(convert it once with save_pretrained to load faster and safer)", folder)
@@ -153,11 +157,16 @@ def check_vocab(model: PreTrainedModel, vocab_size_needed: int,
     A table larger than the tokenizer is fine (OPT pads 50,265 tokens to 50,272 rows). A smaller
     one means the tokenizer grew (added special tokens): the input and output embeddings are resized
     and the new rows initialized from the old rows' mean (transformers' mean_resizing).
+
+    Under ZeRO-3 (zero.Init) the table is partitioned: its own shape is the placeholder [0], the
+    real row count is `ds_shape[0]`. It is resized only when really too small, by transformers'
+    resize_token_embeddings, which gathers the partitions itself (GatheredParameters) while the
+    HfDeepSpeedConfig that built the model is alive; deepspeed.initialize partitions the new table.
     """
     if vocab_size_needed < 1:
         raise PtlmError(f"the tokenizer must have at least one token, got {vocab_size_needed}")
     try:
-        have = model.get_input_embeddings().weight.shape[0]
+        have = embedding_rows(model)
     except (NotImplementedError, AttributeError) as e:
         raise PtlmError(f"{type(model).__name__} exposes no input embedding table, so its vocabulary "
                         f"cannot be checked against a tokenizer of {vocab_size_needed} tokens") from e
@@ -169,7 +178,14 @@ def check_vocab(model: PreTrainedModel, vocab_size_needed: int,
         raise PtlmError(f"the tokenizer has {vocab_size_needed} tokens but {type(model).__name__} "
                         f"has {have} embedding rows and cannot be resized ({e}); use the tokenizer "
                         "the model was trained with") from e
-    new = model.get_input_embeddings().weight.shape[0]
+    new = embedding_rows(model)
     log.info("resized the embeddings from %d to %d rows for a tokenizer of %d tokens",
              have, new, vocab_size_needed)
     return new
+
+
+def embedding_rows(model: PreTrainedModel) -> int:
+    """Rows of the input embedding table, also when ZeRO-3 has partitioned it (ds_shape)."""
+    weight = model.get_input_embeddings().weight
+    shape = getattr(weight, "ds_shape", None) or weight.shape
+    return int(shape[0])

@@ -27,17 +27,24 @@ def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]],
 
     Biases and norm weights (LayerNorm, RMSNorm) are 1-D: decaying them towards 0 only fights
     the normalization (nanoGPT's rule; HF Trainer's name-based rule picks the same tensors).
+    Under ZeRO-3 (zero.Init) a parameter's own shape is the empty placeholder [0]; its real
+    shape is `ds_shape`.
     """
     decay, no_decay = [], []
     for name, p in named_params:
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 and not name.endswith("bias") else no_decay).append(p)
+        (decay if len(full_shape(p)) >= 2 and not name.endswith("bias") else no_decay).append(p)
     if not decay and not no_decay:
         raise PtlmError("the model has no trainable parameters (all have requires_grad=False)")
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]  # DeepSpeed drops empty groups; so do we
+
+
+def full_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """The parameter's whole shape, also when ZeRO-3 has partitioned it away (ds_shape)."""
+    return tuple(getattr(p, "ds_shape", None) or p.shape)
 
 
 def build_optimizer(setting: Setting, named_params: Iterable[tuple[str, torch.nn.Parameter]],

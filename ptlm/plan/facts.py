@@ -253,6 +253,9 @@ UNKNOWN_GPU = GpuSpec("unknown GPU", 0, True, 100, 20, 600 * GB, PCIE4_P2P_BYTES
                       PCIE4_BYTES_PER_S)
 
 
+DEVICE_TYPES = ("cuda", "cpu")
+
+
 @dataclass(frozen=True)
 class HardwareFacts:
     gpu_name: str
@@ -267,12 +270,18 @@ class HardwareFacts:
     interconnect_bandwidth: float = UNKNOWN_GPU.interconnect_bandwidth
     pcie_bandwidth: float = UNKNOWN_GPU.pcie_bandwidth
     known_gpu: bool = False  # throughput figures come from a datasheet (else relative only)
+    # What torch runs the step on: "cuda" (the default, what plans are for) or "cpu" (DeepSpeed's
+    # CPU accelerator, the tests' and benchmarks' 2-rank runs). Some tensors differ in size
+    # between the two (dropout masks: ptlm.plan.memory.DROPOUT_MASK_BYTES).
+    device_type: str = "cuda"
 
     def __post_init__(self) -> None:
         if self.gpus_per_node < 0:
             raise PtlmError(f"GPU count must be >= 0, got {self.gpus_per_node}")
         if self.nodes < 1:
             raise PtlmError(f"node count must be >= 1, got {self.nodes} (use --nodes 1)")
+        if self.device_type not in DEVICE_TYPES:
+            raise PtlmError(f"device type {self.device_type!r} is not one of {DEVICE_TYPES}")
         if self.gpus_per_node and self.gpu_memory_bytes <= 0:
             raise PtlmError("GPU memory must be > 0: pass --gpu-memory (e.g. 16GiB) or --gpu NAME")
 

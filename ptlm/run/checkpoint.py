@@ -4,9 +4,15 @@ state (data position, metrics, config), per-rank RNG states, and a completeness 
     RUN/checkpoints/step00000120/            one DeepSpeed tag per checkpoint
         ...DeepSpeed files...
         rng_rank0.pt, rng_rank1.pt            torch / numpy / python / cuda RNG of each rank
-        ptlm_complete.json                    written LAST, by rank 0, after every rank finished
+        ptlm_complete.json                    written LAST, by rank 0, after every rank finished:
+                                              step, ranks, and the size of every file
 
-A checkpoint without the marker (a run killed mid-write) is never chosen by `latest_complete`.
+A checkpoint is written under a temporary name (stepNNNNNNNN.partial) and renamed to its tag
+only once complete, so a tag folder is either complete or absent; a save killed mid-write leaves
+only a .partial folder, removed by the next save. A complete checkpoint is never written again:
+a second save of the same step (the periodic save, then the final one) keeps the first.
+Resuming checks each file against the sizes in the marker and, with --resume auto, falls back to
+the newest checkpoint that is intact and loads (saying so); see docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import numpy as np
 import torch
 
 from ptlm.errors import PtlmError
+from ptlm.run import faults
 from ptlm.run.distributed import Dist, all_reduce_sum, barrier
 
 log = logging.getLogger(__name__)
@@ -30,6 +37,7 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 COMPLETE = "ptlm_complete.json"
 TAG_RE = re.compile(r"^step(\d{8})$")
+PARTIAL = ".partial"  # suffix of a checkpoint being written
 
 
 def tag_for(step: int) -> str:
@@ -76,29 +84,83 @@ def latest_complete(ckpt_dir: Path) -> str | None:
 
 
 def save(engine, run_dir: Path, step: int, client_state: dict, dist: Dist,
-         keep_last: int) -> Path:
+         keep_last: int, meta: dict | None = None) -> Path:
+    """Write checkpoint `step`: DeepSpeed's files and each rank's RNG into stepNNNNNNNN.partial,
+    then (rank 0) the marker with every file's size, then one rename to the tag. A complete
+    checkpoint of this step is kept as it is (never rewritten in place). meta: more JSON for
+    the marker (what must be read before the engine exists, e.g. the LR schedule)."""
     ckpt_dir = Path(run_dir) / CHECKPOINTS
     tag = tag_for(step)
+    final = ckpt_dir / tag
+    if (final / COMPLETE).exists():  # every rank sees the same (check_shared, barriers)
+        if dist.is_main:
+            log.info("checkpoint %s is already complete: kept as it is", tag)
+        return final
+    partial = ckpt_dir / f"{tag}{PARTIAL}"
     t0 = time.perf_counter()
-    if dist.is_main:  # a leftover incomplete tag of the same step (a killed save) is replaced
-        stale = ckpt_dir / tag
-        if stale.exists() and not (stale / COMPLETE).exists():
-            shutil.rmtree(stale)
+    if dist.is_main:  # leftovers of a killed save of this step
+        for stale in (partial, final):
+            if stale.exists():
+                shutil.rmtree(stale)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
     barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{dist.rank}.pt")
+    engine.save_checkpoint(str(ckpt_dir), tag=partial.name, client_state=client_state,
+                           save_latest=False)
+    faults.kill_at("save:after-engine", step)
+    torch.save(rng_state(), partial / f"rng_rank{dist.rank}.pt")
     barrier()  # every rank's files are on disk before the marker says so
     if dist.is_main:
-        marker = {"step": step, "world_size": dist.world_size, "time": time.time()}
-        tmp = ckpt_dir / tag / f".{COMPLETE}.tmp"
+        files = {str(p.relative_to(partial)): p.stat().st_size
+                 for p in sorted(partial.rglob("*")) if p.is_file()}
+        marker = {"step": step, "world_size": dist.world_size, "time": time.time(),
+                  "files": files, **(meta or {})}
+        tmp = partial / f".{COMPLETE}.tmp"
         tmp.write_text(json.dumps(marker))
-        tmp.replace(ckpt_dir / tag / COMPLETE)
+        tmp.replace(partial / COMPLETE)
+        faults.kill_at("save:before-rename", step)
+        partial.rename(final)  # atomic: the tag appears complete, or not at all
+        _fsync_dir(ckpt_dir)
         for _, old in complete_tags(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
             shutil.rmtree(universal_path(ckpt_dir / old), ignore_errors=True)
         log.info("saved checkpoint %s in %.1f s", tag, time.perf_counter() - t0)
     barrier()
-    return ckpt_dir / tag
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    import os
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def marker(path: Path) -> dict:
+    return json.loads((Path(path) / COMPLETE).read_text())
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with a complete checkpoint's files (None: every file the marker lists is
+    there with its size). A marker of an older ptlm lists no files: nothing to compare."""
+    try:
+        files = marker(path).get("files", {})
+    except (OSError, ValueError, AttributeError) as e:
+        return f"its {COMPLETE} is unreadable ({e})"
+    for name, size in files.items():
+        f = Path(path) / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} when it was saved"
+    return None
 
 
 def check_shared(run_dir: Path, dist: Dist, wait_s: float = 10.0) -> None:
@@ -128,24 +190,48 @@ def check_shared(run_dir: Path, dist: Dist, wait_s: float = 10.0) -> None:
                         "mounts at the same path (NFS, Lustre, ...); see docs/multinode.md")
 
 
-def resolve(run_dir: Path, resume: str) -> Path | None:
-    """The checkpoint folder to resume from: 'auto' (latest complete one in RUN, or none),
-    'none', or an explicit checkpoint folder."""
+def candidates(run_dir: Path, resume: str) -> list[Path]:
+    """The checkpoints to try, in order: 'none' -> []; 'auto' -> every complete and intact
+    checkpoint in RUN, newest first (a damaged one is skipped with a warning); an explicit
+    folder -> [it], or a PtlmError saying what is wrong with it."""
     if resume == "none":
-        return None
+        return []
     if resume == "auto":
         ckpt_dir = Path(run_dir) / CHECKPOINTS
-        tag = latest_complete(ckpt_dir)
-        return ckpt_dir / tag if tag else None
+        tags = complete_tags(ckpt_dir)
+        good = []
+        for _, tag in reversed(tags):
+            problem = damage(ckpt_dir / tag)
+            if problem:
+                log.warning("checkpoint %s is damaged (%s): skipped", ckpt_dir / tag, problem)
+            else:
+                good.append(ckpt_dir / tag)
+        if tags and not good:
+            raise PtlmError(f"no checkpoint in {ckpt_dir} is intact (see the warnings above): "
+                            "give --resume none to start over, or --resume PATH")
+        if good and good[0].name != tags[-1][1]:
+            log.warning("resuming from %s, the newest intact checkpoint", good[0])
+        return good
     path = Path(resume)
     if not (path / COMPLETE).exists():
         raise PtlmError(f"--resume {resume}: not a complete ptlm checkpoint (no {COMPLETE}); "
                         "use --resume auto to pick the latest complete one")
-    return path
+    problem = damage(path)
+    if problem:
+        raise PtlmError(f"--resume {resume}: the checkpoint is damaged ({problem}); resume from "
+                        "another one, or --resume auto to pick the newest intact one")
+    return [path]
+
+
+def resolve(run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint folder to resume from: 'auto' (the newest complete and intact one in RUN,
+    or none), 'none', or an explicit checkpoint folder."""
+    found = candidates(run_dir, resume)
+    return found[0] if found else None
 
 
 def saved_world_size(path: Path) -> int:
-    return json.loads((path / COMPLETE).read_text())["world_size"]
+    return marker(path)["world_size"]
 
 
 def universal_path(path: Path) -> Path:
@@ -181,10 +267,13 @@ def load(engine, path: Path, dist: Dist, universal: bool = False) -> dict:
         load_lr_scheduler_states=True)
     if loaded is None:
         raise PtlmError(f"DeepSpeed could not load the checkpoint {path}")
+    # The RNG files stay in the original folder (a universal conversion writes its own). On
+    # another number of ranks, rank r goes on from the saved rank r's generators (not from the
+    # run's seed, which would replay the first steps' dropout masks).
     rng_file = path / f"rng_rank{dist.rank}.pt"
-    if rng_file.exists() and not universal:
+    if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=True))
     else:
-        log.warning("no RNG state for rank %d in %s (other number of ranks): dropout masks "
-                    "will differ from the original run", dist.rank, path)
+        log.warning("no RNG state for rank %d in %s (more ranks than the run that saved it): "
+                    "this rank's dropout masks start from the run's seed", dist.rank, path)
     return client_state

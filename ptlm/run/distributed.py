@@ -77,6 +77,9 @@ def init(local_rank_arg: int | None = None) -> Dist:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    from ptlm.run.oplocks import check_op_locks
+
+    check_op_locks()  # a killed op build's lock would make DeepSpeed wait forever, silently
     if "RANK" not in os.environ:
         _ranks_from_mpi_or_srun()
     if "RANK" not in os.environ and not _under_mpi():  # plain `python launch/train.py`
@@ -137,3 +140,21 @@ def any_rank(flag: bool, device: torch.device | None = None) -> bool:
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def shutdown(clean: bool = True) -> None:
+    """Tear the process groups down before the interpreter exits.
+
+    Left to interpreter exit, gloo's (and NCCL's) worker threads can be destroyed in whatever
+    order the C++ statics go, which ends some runs with "terminate called without an active
+    exception" (exit 250 / SIGABRT) after a successful run. clean=True first waits for every
+    rank (nobody tears down while a peer still talks to it); on an error path (clean=False) a
+    barrier could hang on a rank that already died, so the groups are just destroyed locally."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    try:
+        if clean:
+            torch.distributed.barrier()
+    finally:
+        _control_group.cache_clear()
+        torch.distributed.destroy_process_group()

@@ -12,6 +12,7 @@ log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"
 REPORT = "report.md"
 PLOT = "loss.png"
+TENSORBOARD = "tensorboard"  # event files: tensorboard --logdir RUN/tensorboard
 
 
 class MetricsLog:
@@ -28,9 +29,10 @@ class MetricsLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self._tb = SummaryWriter(str(Path(run_dir) / TENSORBOARD))
         except ImportError:  # optional extra
-            pass
+            log.info("tensorboard not installed: metrics go to %s only (pip install "
+                     "tensorboard)", self.path)
 
     def write(self, record: dict) -> None:
         if not self.enabled:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -18,6 +19,7 @@ from ptlm.plan import dsconfig
 from ptlm.plan.facts import HardwareFacts, ModelFacts
 from ptlm.plan.memory import Job
 from ptlm.plan.planner import Plan, plan
+from ptlm.plan.setting import Forced
 from ptlm.run.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -26,40 +28,53 @@ VOCAB_ROWS_MULTIPLE = 8  # a fresh model's embedding rows are padded to this (te
 DEFAULT_GLOBAL_BATCH = 16  # sequences per optimizer step when neither flag nor plan says
 
 
-def checked_config(cfg: RunConfig, data: PackedDataset):
+@dataclass(frozen=True)
+class ModelSource:
+    """What the engine builds (ptlm.run.engine), the same for training and `ptlm probe`: `spec` as
+    the user gave it (hub name, folder, alias), its config (checked against the data; with
+    from_scratch its vocabulary sized to the data's tokenizer) and the ids the data holds
+    (`vocab`; None when no data is at hand: the table is then the config's own)."""
+
+    spec: str
+    config: object
+    from_scratch: bool = False
+    vocab: int | None = None
+
+
+def model_source(spec: str, from_scratch: bool, data: PackedDataset | None) -> ModelSource:
     """The model's config, checked against the data (positions >= seq_len); for --from-scratch,
-    its vocabulary sized to the data's tokenizer."""
+    its vocabulary sized to the data's tokenizer (rows padded to VOCAB_ROWS_MULTIPLE)."""
     from ptlm.model.config import max_positions
 
-    config = resolve_config(cfg.model)
+    config = resolve_config(spec)
+    if not from_scratch and is_config_only_alias(spec):
+        raise PtlmError(f"--model {spec} is a built-in config alias without weights: add "
+                        "--from-scratch, or give a hub name / folder with weights")
+    if data is None:
+        return ModelSource(spec, config, from_scratch)
     positions = max_positions(config)
     if positions is not None and data.seq_len > positions:
         raise PtlmError(f"the data's seq_len {data.seq_len} is above the {positions} positions of "
-                        f"{cfg.model}; prepare the data again with --seq-len {positions} or less")
-    if cfg.from_scratch:
+                        f"{spec}; prepare the data again with --seq-len {positions} or less")
+    if from_scratch:
         config.vocab_size = -(-data.vocab_size // VOCAB_ROWS_MULTIPLE) * VOCAB_ROWS_MULTIPLE
         _set_special_ids(config, data)
-    elif is_config_only_alias(cfg.model):
-        raise PtlmError(f"--model {cfg.model} is a built-in config alias without weights: add "
-                        "--from-scratch, or give a hub name / folder with weights")
-    return config
+    return ModelSource(spec, config, from_scratch, data.vocab_size)
+
+
+def checked_config(cfg: RunConfig, data: PackedDataset):
+    """The run's model config, checked against the data (see model_source)."""
+    return model_source(cfg.what.model, cfg.what.from_scratch, data).config
 
 
 def build_model(cfg: RunConfig, config, data: PackedDataset, precision: str,
                 ds_config: dict | None = None):
-    """The HF model in the training precision, its embeddings large enough for the data's ids.
-    With a ZeRO-3 DeepSpeed config, transformers builds it partitioned (deepspeed.zero.Init
-    through HfDeepSpeedConfig): no rank ever holds the whole model."""
-    from ptlm.model.load import check_vocab, load_model
+    """The HF model in the training precision, its embeddings large enough for the data's ids:
+    the engine builder's model step (ptlm.run.engine.setup_model) on its own."""
+    from ptlm.run.engine import setup_model
 
-    zero3 = None
-    if ds_config and ds_config.get("zero_optimization", {}).get("stage") == 3:
-        from transformers.integrations import HfDeepSpeedConfig
-
-        zero3 = HfDeepSpeedConfig(ds_config)  # noqa: F841 - must be alive while the model loads
-    model = load_model(config if cfg.from_scratch else cfg.model, precision=precision)
-    check_vocab(model, data.vocab_size)
-    return model
+    source = ModelSource(cfg.what.model, config, cfg.what.from_scratch, data.vocab_size)
+    return setup_model(source, precision, ds_config)
 
 
 def _set_special_ids(config, data: PackedDataset) -> None:
@@ -71,19 +86,20 @@ def _set_special_ids(config, data: PackedDataset) -> None:
 
 def check_tokenizer(cfg: RunConfig, data: PackedDataset) -> None:
     """--tokenizer must be the one the data was made with (same tokenizer.json bytes)."""
-    if not cfg.tokenizer:
+    if not cfg.what.tokenizer:
         return
     import hashlib
     from pathlib import Path
 
-    path = Path(cfg.tokenizer) / "tokenizer.json"
+    path = Path(cfg.what.tokenizer) / "tokenizer.json"
     if not path.exists():
-        raise PtlmError(f"--tokenizer {cfg.tokenizer}: no tokenizer.json there")
+        raise PtlmError(f"--tokenizer {cfg.what.tokenizer}: no tokenizer.json there")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != data.manifest["tokenizer"]["sha256"]:
-        raise PtlmError(f"--tokenizer {cfg.tokenizer} is not the tokenizer {cfg.data} was "
+        raise PtlmError(f"--tokenizer {cfg.what.tokenizer} is not the tokenizer {cfg.corpus.data} "
+                        "was "
                         f"prepared with ({data.manifest['tokenizer']['source']}); use "
-                        f"{cfg.data / 'tokenizer'} or prepare the data again")
+                        f"{cfg.corpus.data / 'tokenizer'} or prepare the data again")
 
 
 def local_world_size(world_size: int) -> int:
@@ -98,7 +114,8 @@ def local_world_size(world_size: int) -> int:
 
 def hardware(world_size: int) -> HardwareFacts:
     """This machine's facts, as the planner wants them. Without a GPU the host is the device:
-    its memory split across the local ranks, no bf16 (ptlm trains fp32 on CPU)."""
+    its memory split across the local ranks; bf16 as DeepSpeed's CPU accelerator says (ptlm
+    still trains fp32 on CPU unless --precision bf16/fp16 is forced, see plan_for)."""
     from ptlm.run.hardware import detect
 
     local = local_world_size(world_size)
@@ -108,30 +125,73 @@ def hardware(world_size: int) -> HardwareFacts:
         return replace(hw, gpus_per_node=local, nodes=nodes)
     host = hw.host_memory_bytes or 0
     return HardwareFacts(gpu_name="cpu", gpu_memory_bytes=max(host // max(local, 1), 1),
-                         gpus_per_node=local, nodes=nodes, host_memory_bytes=host, bf16=False)
+                         gpus_per_node=local, nodes=nodes, host_memory_bytes=host,
+                         bf16=_accelerator_bf16())
+
+
+def _accelerator_bf16() -> bool:
+    """Whether DeepSpeed's accelerator (the CPU one here) trains bf16."""
+    try:
+        from deepspeed.accelerator import get_accelerator
+
+        return bool(get_accelerator().is_bf16_supported())
+    except Exception:  # no DeepSpeed, or an accelerator that cannot say: fp32/fp16 only
+        return False
 
 
 def resolve_plan(cfg: RunConfig, config, seq_len: int, world_size: int, on_gpu: bool) -> Plan:
-    if cfg.plan != "auto":
-        p = Plan.from_dict(json.loads(open(cfg.plan).read()))
+    """The run's plan: --plan's file, or planned for this machine; decided by rank 0 alone and
+    shared with every rank (ranks see their own host RAM, GPU and probe cache)."""
+    return rank0_plan(lambda: _resolve_plan_here(cfg, config, seq_len, world_size, on_gpu))
+
+
+def rank0_plan(decide: Callable[[], Plan]) -> Plan:
+    """decide() on rank 0 only; every rank gets its Plan (torch.distributed.broadcast_object_list
+    on the default group). An error on rank 0 is raised on every rank, so none waits forever."""
+    dist = torch.distributed
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return decide()
+    box: list = [None]
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            box = [("plan", decide())]
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks know
+            error = e
+            box = [("error", f"{type(e).__name__}: {e}" if not isinstance(e, PtlmError)
+                    else str(e))]
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    kind, value = box[0]
+    if kind == "error":
+        raise PtlmError(f"rank 0 could not plan the run: {value}")
+    return value
+
+
+def _resolve_plan_here(cfg: RunConfig, config, seq_len: int, world_size: int,
+                       on_gpu: bool) -> Plan:
+    if cfg.what.plan != "auto":
+        p = Plan.from_dict(json.loads(open(cfg.what.plan).read()))
         if p.hardware.world != world_size:
-            raise PtlmError(f"--plan {cfg.plan} was made for {p.hardware.world} GPU(s), this run "
-                            f"has {world_size} rank(s); plan again or launch as many ranks")
+            raise PtlmError(f"--plan {cfg.what.plan} was made for {p.hardware.world} GPU(s), "
+                            f"this run has {world_size} rank(s); plan again or launch as many "
+                            "ranks")
         if p.job.seq_len != seq_len:
-            raise PtlmError(f"--plan {cfg.plan} is for seq_len {p.job.seq_len}, the data has "
+            raise PtlmError(f"--plan {cfg.what.plan} is for seq_len {p.job.seq_len}, the data has "
                             f"{seq_len}")
         return p
-    return plan_for(cfg.model, config, seq_len, cfg.global_batch or DEFAULT_GLOBAL_BATCH,
+    return plan_for(cfg.what.model, config, seq_len, cfg.optim.global_batch or DEFAULT_GLOBAL_BATCH,
                     cfg.forced, world_size, on_gpu)
 
 
-def plan_for(spec: str, config, seq_len: int, global_batch: int, forced: dict, world_size: int,
+def plan_for(spec: str, config, seq_len: int, global_batch: int, forced: Forced, world_size: int,
              on_gpu: bool, use_probe_cache: bool = True) -> Plan:
     """plan() for this machine; a micro-batch above what `ptlm probe` saw fit here is lowered."""
     from ptlm.plan import probe_cache
 
-    forced = dict(forced)
-    if not on_gpu:  # CPU ranks: fp32 and nothing to offload to
+    forced = forced.to_dict()  # the planner takes the set knobs as a dict
+    if not on_gpu:  # CPU ranks: fp32 and no ZeRO/offload unless forced (they all run there)
         forced.setdefault("precision", "fp32")
         forced.setdefault("offload", "none")
         forced.setdefault("zero", 0)
@@ -150,22 +210,28 @@ def plan_for(spec: str, config, seq_len: int, global_batch: int, forced: dict, w
     return p
 
 
-def deepspeed_config(cfg: RunConfig, p: Plan) -> tuple[dict, dict]:
+def optimizer_hyper(cfg: RunConfig) -> dsconfig.OptimizerHyper:
+    """The run's optimizer hyper-parameters, as the DeepSpeed config carries them."""
+    o = cfg.optim
+    return dsconfig.OptimizerHyper(lr=o.lr, betas=o.betas, eps=o.eps,
+                                   weight_decay=o.weight_decay, gradient_clipping=o.grad_clip)
+
+
+def deepspeed_config(p: Plan, hyper: dsconfig.OptimizerHyper,
+                     template: str | None = None) -> tuple[dict, dict]:
     """(complete DeepSpeed config, optimizer hyper-parameters). ptlm builds the optimizer itself
     (torch AdamW, bitsandbytes AdamW8bit or DeepSpeed CPU Adam) and hands it to DeepSpeed, so the
     config's "optimizer" block only carries the hyper-parameters (a template may set them)."""
-    hyper = dsconfig.OptimizerHyper(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                    weight_decay=cfg.weight_decay, gradient_clipping=cfg.grad_clip)
-    if cfg.ds_config:
-        ds = dsconfig.fill_template(dsconfig.load_template(cfg.ds_config), p, hyper)
+    if template:
+        ds = dsconfig.fill_template(dsconfig.load_template(template), p, hyper)
     else:
         ds = dsconfig.build_ds_config(p, hyper)
     params = ds.pop("optimizer", {}).get("params", {})
     ds.pop("scheduler", None)  # ptlm's schedule (transformers) is the one that runs
     ds["zero_allow_untested_optimizer"] = True
-    opt = dict(lr=params.get("lr", cfg.lr), betas=tuple(params.get("betas", cfg.betas)),
-               eps=params.get("eps", cfg.eps),
-               weight_decay=params.get("weight_decay", cfg.weight_decay))
+    opt = dict(lr=params.get("lr", hyper.lr), betas=tuple(params.get("betas", hyper.betas)),
+               eps=params.get("eps", hyper.eps),
+               weight_decay=params.get("weight_decay", hyper.weight_decay))
     return ds, opt
 
 

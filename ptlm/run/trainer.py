@@ -21,8 +21,7 @@ from torch import nn
 
 from ptlm.data.reader import PackedDataset, PackedLoader
 from ptlm.errors import PtlmError
-from ptlm.model.loss import LossModule
-from ptlm.run import checkpoint, faults, report
+from ptlm.run import checkpoint, faults, lock, report
 from ptlm.run import setup as runsetup
 from ptlm.run.config import RunConfig
 from ptlm.run.distributed import Dist, all_reduce_sum, any_rank, barrier, init
@@ -47,6 +46,7 @@ class RunState:
     last_eval: dict | None = None
     epochs: list = field(default_factory=list)
     micro_batch: int = 0  # current (an OOM back-off halves it)
+    schedule: list = field(default_factory=list)  # LR schedule segments (see lr_segments)
 
 
 @dataclass
@@ -67,33 +67,134 @@ class Run:
     state_grad_norm: float | None = None  # ZeRO-0 only (ZeRO-1/2/3 report their own)
     resume_from: Path | None = None
     universal: bool = False
+    build: object = None  # plan -> ptlm.run.engine.Engine: the engine again (OOM back-off)
 
 
 # ------------------------------------------------------------------------------ setup
 
 def total_steps(cfg: RunConfig, steps_per_epoch: int, tokens_per_step: int) -> int:
-    candidates = [cfg.epochs * steps_per_epoch]
-    if cfg.max_steps:
-        candidates.append(cfg.max_steps)
-    if cfg.max_tokens:
-        candidates.append(math.ceil(cfg.max_tokens / tokens_per_step))
+    candidates = [cfg.sched.epochs * steps_per_epoch]
+    if cfg.sched.max_steps:
+        candidates.append(cfg.sched.max_steps)
+    if cfg.sched.max_tokens:
+        candidates.append(math.ceil(cfg.sched.max_tokens / tokens_per_step))
     return min(candidates)
 
 
 def scheduler_factory(cfg: RunConfig, steps: int):
+    """The LR scheduler DeepSpeed builds (given the optimizer) for a run of `steps` steps. A
+    resumed run whose length changed goes on with the schedule it started with
+    (_continue_schedule)."""
+    seg = base_segment(cfg, steps)
+    return lambda opt: _schedule(opt, seg)
+
+
+def _schedule(opt, seg: dict):
     from transformers import (
         get_constant_schedule_with_warmup,
         get_cosine_with_min_lr_schedule_with_warmup,
         get_linear_schedule_with_warmup,
     )
 
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * steps)
-    if cfg.schedule == "cosine":
-        return lambda opt: get_cosine_with_min_lr_schedule_with_warmup(
-            opt, warmup, steps, min_lr_rate=cfg.min_lr_ratio)
-    if cfg.schedule == "linear":
-        return lambda opt: get_linear_schedule_with_warmup(opt, warmup, steps)
-    return lambda opt: get_constant_schedule_with_warmup(opt, warmup)
+    if seg["kind"] == "cosine":
+        return get_cosine_with_min_lr_schedule_with_warmup(opt, seg["warmup"], seg["total"],
+                                                           min_lr_rate=seg["min_lr_ratio"])
+    if seg["kind"] == "linear":
+        return get_linear_schedule_with_warmup(opt, seg["warmup"], seg["total"])
+    return get_constant_schedule_with_warmup(opt, seg["warmup"])
+
+
+def base_segment(cfg: RunConfig, steps: int) -> dict:
+    """The schedule this run's flags ask for, as data (saved in checkpoints: RunState.schedule)."""
+    s = cfg.sched
+    warmup = s.warmup_steps if s.warmup_steps is not None else int(s.warmup_ratio * steps)
+    return {"kind": s.schedule, "start": 0, "warmup": warmup, "total": steps,
+            "min_lr_ratio": s.min_lr_ratio}
+
+
+class SegmentedSchedule:
+    """LR factor of step k for a schedule that went on past its planned end.
+
+    Segment 0 is the schedule the run started with (transformers' own function, so a resumed
+    run computes the very same floats); past its `total` it stays at its floor (cosine: the min
+    lr; linear: 0; constant: 1) instead of running on (a cosine past its end would rise again).
+    A rewarm segment (--rewarm-steps) starts at step `start` from the factor `from`, rises
+    linearly to 1 over `warmup` steps, then decays (cosine / linear) to its floor at `total`."""
+
+    def __init__(self, segments: list[dict]) -> None:
+        self.segments = [dict(s) for s in segments]
+        self._base = _transformers_lambda(self.segments[0])
+
+    def floor(self, seg: dict) -> float:
+        return {"cosine": seg["min_lr_ratio"], "linear": 0.0}.get(seg["kind"], 1.0)
+
+    def __call__(self, k: int) -> float:
+        seg = next(s for s in reversed(self.segments) if s["start"] <= k)
+        if seg["start"] == 0:
+            return self._base(min(k, seg["total"]))
+        s, warm = k - seg["start"], seg["warmup"]
+        if s < warm:
+            return seg["from"] + (1.0 - seg["from"]) * s / warm
+        if seg["kind"] == "constant":
+            return 1.0
+        p = min(1.0, (s - warm) / max(1, seg["total"] - seg["start"] - warm))
+        if seg["kind"] == "linear":
+            return max(0.0, 1.0 - p)
+        r = seg["min_lr_ratio"]
+        return r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def _transformers_lambda(seg: dict):
+    return _schedule(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0), seg).lr_lambdas[0]
+
+
+def _continue_schedule(run: Run) -> None:
+    """After loading a checkpoint: the LR schedule goes on as the run planned it when it started,
+    even if this run's length differs (more --epochs or --max-steps): past the planned end the LR
+    stays at the floor, unless --rewarm-steps N asks for a new warmup and decay to the new end.
+    Without this, the schedule would be recomputed for the new length and the LR would jump."""
+    s, want = run.state, base_segment(run.cfg, run.total_steps)
+    if not s.schedule:  # a checkpoint of an older ptlm: its planned length is unknown
+        s.schedule = [want]
+        return
+    if s.schedule == [want]:
+        return  # the very schedule DeepSpeed's engine was built with
+    segments, step, last = list(s.schedule), s.step, s.schedule[-1]
+    fn = SegmentedSchedule(segments)
+    rewarm = run.cfg.sched.rewarm_steps
+    lr = run.cfg.optim.lr
+    if rewarm and step >= last["total"] and run.total_steps > step:
+        seg = {"kind": run.cfg.sched.schedule, "start": step, "warmup": rewarm,
+               "total": run.total_steps, "min_lr_ratio": run.cfg.sched.min_lr_ratio,
+               "from": fn(step)}
+        segments.append(seg)
+        log.warning("learning rate: the schedule ended at step %d; --rewarm-steps %d: warming up "
+                    "again from %.3g to %.3g over steps %d-%d, then %s decay to step %d", step,
+                    rewarm, lr * seg["from"], lr, step + 1, step + rewarm, seg["kind"],
+                    run.total_steps)
+    elif run.total_steps > last["total"]:
+        floor = fn.floor(last)
+        if floor == 0.0:
+            raise PtlmError(f"the run's {last['kind']} schedule ends at step {last['total']} with "
+                            f"lr 0: steps {last['total'] + 1}-{run.total_steps} would not train. "
+                            "Resume with --rewarm-steps N to warm up again and decay to the new "
+                            "end")
+        log.warning("learning rate: the run's schedule (set when it started) ends at step %d; "
+                    "steps %d-%d go on at its floor lr %.3g instead of re-stretching it. To warm "
+                    "up again and decay to the new end, resume with --rewarm-steps N", last["total"],
+                    max(step, last["total"]) + 1, run.total_steps, lr * floor)
+    elif run.total_steps != last["total"] or want != s.schedule[0]:
+        log.warning("learning rate: going on with the schedule the run started with (%s, %d "
+                    "steps); changed schedule flags do not apply to a resumed run", last["kind"],
+                    last["total"])
+    s.schedule = segments
+    fn = SegmentedSchedule(segments)
+    sched = run.engine.lr_scheduler
+    sched.lr_lambdas = [fn] * len(sched.optimizer.param_groups)
+    values = [base * fn(step) for base in sched.base_lrs]
+    for group, value in zip(sched.optimizer.param_groups, values):
+        group["lr"] = value  # the next step's LR, from the continued schedule
+    sched._last_lr = values
 
 
 def overfit_blocks(data: PackedDataset, n_docs: int) -> int:
@@ -103,49 +204,43 @@ def overfit_blocks(data: PackedDataset, n_docs: int) -> int:
 
 
 def setup(cfg: RunConfig) -> Run:
-    import deepspeed
-
-    from ptlm.model.load import enable_checkpointing
-    from ptlm.model.optim import build_optimizer
     from ptlm.plan.planner import flops_per_token
+    from ptlm.run.engine import build_engine
 
     dist = init()
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    train = PackedDataset(cfg.data, "train")
-    val = PackedDataset(cfg.data, "val")
+    torch.manual_seed(cfg.corpus.seed)  # the same initial weights on every rank
+    train = PackedDataset(cfg.corpus.data, "train")
+    val = PackedDataset(cfg.corpus.data, "val")
+    train.check_data()  # every shard's sha256 + largest id, before step 1 (PTLM_DATA_CHECK)
     runsetup.check_tokenizer(cfg, train)
-    if cfg.overfit_docs:
-        n = overfit_blocks(train, cfg.overfit_docs)
-        train = PackedDataset(cfg.data, "train", max_blocks=n)
-        val = PackedDataset(cfg.data, "train", max_blocks=n)  # can it learn what it saw?
+    if cfg.corpus.overfit_docs:
+        n = overfit_blocks(train, cfg.corpus.overfit_docs)
+        train = PackedDataset(cfg.corpus.data, "train", max_blocks=n)
+        val = PackedDataset(cfg.corpus.data, "train", max_blocks=n)  # can it learn what it saw?
         log.info("overfit check: training and evaluating on the first %d documents (%d blocks)",
-                 cfg.overfit_docs, n)
+                 cfg.corpus.overfit_docs, n)
     gpu = runsetup.on_gpu()
-    config = runsetup.checked_config(cfg, train)
-    p = runsetup.resolve_plan(cfg, config, train.seq_len, dist.world_size, gpu)
+    source = runsetup.model_source(cfg.what.model, cfg.what.from_scratch, train)
+    p = runsetup.resolve_plan(cfg, source.config, train.seq_len, dist.world_size, gpu)
     setting = p.setting
-    ds_config, hyper = runsetup.deepspeed_config(cfg, p)
-    model = runsetup.build_model(cfg, config, train, setting.precision, ds_config)
-    if setting.checkpointing:
-        enable_checkpointing(model)
     loader = PackedLoader(train, setting.micro_batch, world_size=dist.world_size, rank=dist.rank,
-                          global_batch=p.global_batch, seed=cfg.seed)
+                          global_batch=p.global_batch, seed=cfg.corpus.seed)
     steps = total_steps(cfg, loader.steps_per_epoch, p.global_batch * train.seq_len)
+    lock.acquire_for_run(cfg.out, dist)  # one writer per run folder, before anything is written
     checkpoint.check_shared(cfg.out, dist)  # before any rank looks for a checkpoint there
     resume_from, universal = _resume_source(cfg, dist, setting)
-    if universal:  # another number of ranks with partitioned optimizer states
-        ds_config["checkpoint"] = {"load_universal": True}
-    optimizer = build_optimizer(setting, model.named_parameters(), **hyper)
-    if optimizer is None:  # DeepSpeed builds CPU Adam from the config
-        ds_config["optimizer"] = {"type": "AdamW", "params": {**hyper, "betas": list(
-            hyper["betas"])}}
-    engine, _, _, _ = deepspeed.initialize(model=LossModule(model, setting.chunked_loss),
-                                           optimizer=optimizer, config=ds_config,
-                                           lr_scheduler=scheduler_factory(cfg, steps))
+    # another number of ranks with partitioned optimizer states: DeepSpeed's universal format
+    def build(plan):  # also after an OOM back-off, at the new micro-batch
+        return build_engine(plan, source, runsetup.optimizer_hyper(cfg), cfg.what.ds_config,
+                            lr_scheduler=scheduler_factory(cfg, steps), ds_extra={
+                                "checkpoint": {"load_universal": True}} if universal else None)
+
+    built = build(p)
+    engine, model, ds_config = built.engine, built.model, built.ds_config
     if dist.is_main:
         cfg.out.mkdir(parents=True, exist_ok=True)
         for name, data in (("run_config.json", cfg.to_dict()), ("plan.json", p.to_dict()),
-                           ("ds_config.json", ds_config)):
+                           ("ds_config.json", ds_config), ("engine.json", built.record())):
             (cfg.out / name).write_text(json.dumps(data, indent=2, default=str))
         log.info("plan: %s; micro-batch %d x %d rank(s) x %d accumulation = global batch %d; "
                  "%d steps (%d per epoch)", setting.describe(), p.micro_batch, dist.world_size,
@@ -160,7 +255,7 @@ def setup(cfg: RunConfig) -> Run:
     return Run(cfg=cfg, dist=dist, engine=engine, model=model, loader=loader, val=val, plan=p,
                total_steps=steps, metrics=report.MetricsLog(cfg.out, dist.is_main),
                state=RunState(micro_batch=setting.micro_batch), resume_from=resume_from,
-               universal=universal,
+               universal=universal, build=build,
                flops_per_token=flops_per_token(facts, train.seq_len), peak_flops=peak)
 
 
@@ -172,7 +267,7 @@ def run_eval(run: Run, tag: str) -> EvalResult:
     res = evaluate_blocks(lambda ids, labels: run.engine(ids, labels), run.val,
                           run.state.micro_batch, rank=run.dist.rank,
                           world_size=run.dist.world_size, device=run.dist.device,
-                          max_blocks=run.cfg.eval_max_blocks)
+                          max_blocks=run.cfg.eval.eval_max_blocks)
     run.engine.train()
     record = {"kind": "eval", "step": run.state.step, "epoch": run.loader.epoch, "tag": tag,
               "val_loss": res.loss, "val_ppl": res.ppl, "val_tokens": res.tokens,
@@ -185,10 +280,12 @@ def run_eval(run: Run, tag: str) -> EvalResult:
 
 
 def save(run: Run) -> None:
+    if not run.state.schedule:
+        run.state.schedule = [base_segment(run.cfg, run.total_steps)]
     client = {"ptlm": asdict(run.state), "loader": run.loader.state_dict(),
               "config": run.cfg.to_dict(), "plan": run.plan.to_dict()}
     checkpoint.save(run.engine, run.cfg.out, run.state.step, client, run.dist,
-                    run.cfg.keep_last)
+                    run.cfg.ckpt.keep_last)
     run.last_save = time.time()
 
 
@@ -196,7 +293,7 @@ def _resume_source(cfg: RunConfig, dist: Dist, setting) -> tuple[Path | None, bo
     """The checkpoint to resume from, and whether it must go through DeepSpeed's universal
     format: ZeRO-1/2/3 partition optimizer states per rank, so a checkpoint written by another
     number of ranks is converted with DeepSpeed's ds_to_universal (DeepSpeed #2898, #5405)."""
-    path = checkpoint.resolve(cfg.out, cfg.resume)
+    path = checkpoint.resolve(cfg.out, cfg.ckpt.resume)
     if path is None:
         return None, False
     universal = checkpoint.saved_world_size(path) != dist.world_size and setting.zero > 0
@@ -207,18 +304,77 @@ def _resume_source(cfg: RunConfig, dist: Dist, setting) -> tuple[Path | None, bo
 
 
 def resume(run: Run) -> bool:
+    """Load the checkpoint chosen by _resume_source. One that fails to load (on any rank) is
+    an error for --resume PATH; with --resume auto the next older intact one is tried, with a
+    warning. Then the run's state, the data position and the LR schedule go on from it."""
     path = run.resume_from
     if path is None:
         return False
-    client = checkpoint.load(run.engine, path, run.dist, universal=run.universal)
+    client, error = _load_agreed(run, path)
+    if client is None and run.cfg.ckpt.resume != "auto":
+        raise PtlmError(f"--resume {path}: the checkpoint does not load ({error}); resume from "
+                        "another one, or --resume auto to pick the newest that loads")
+    if client is None:
+        older = [p for p in checkpoint.candidates(run.cfg.out, "auto")
+                 if checkpoint.TAG_RE.match(p.name) and p.name < path.name]
+        for candidate in older:
+            log.warning("checkpoint %s does not load (%s): falling back to %s", path, error,
+                        candidate)
+            path = candidate
+            client, error = _load_agreed(run, path)
+            if client is not None:
+                break
+        if client is None:
+            raise PtlmError(f"no checkpoint in {run.cfg.out / checkpoint.CHECKPOINTS} loads (the "
+                            f"last one tried, {path}: {error}); give --resume none to start over")
+        run.resume_from = path
     run.state = RunState(**client["ptlm"])
     run.loader.load_state_dict(client["loader"])
+    _resume_micro_batch(run, lambda engine: checkpoint.load(engine, path, run.dist,
+                                                            universal=run.universal))
+    _continue_schedule(run)
     if run.dist.is_main:
         _truncate_metrics(run.cfg.out / report.METRICS, run.state.step)
     log.info("resumed from %s%s at step %d (epoch %d, block %d of it)", path,
              " (universal)" if run.universal else "", run.state.step, run.loader.epoch,
              run.loader.consumed)
     return True
+
+
+def _load_agreed(run: Run, path: Path) -> tuple[dict | None, str | None]:
+    """(client state, None), or (None, why) when any rank could not load the checkpoint."""
+    universal = checkpoint.saved_world_size(path) != run.dist.world_size and \
+        run.plan.setting.zero > 0
+    if universal != run.universal:  # the engine was configured for the other format
+        return None, "saved by another number of ranks than the checkpoint chosen first"
+    if universal and run.dist.is_main:
+        checkpoint.to_universal(path)
+    barrier()
+    error = None
+    try:
+        client = checkpoint.load(run.engine, path, run.dist, universal=universal)
+    except Exception as e:  # noqa: BLE001 - a truncated or corrupt file raises anything
+        text = str(e).strip().splitlines()
+        error = f"{type(e).__name__}: {text[0] if text else ''}".strip()
+        client = None
+    if any_rank(error is not None, run.dist.device):
+        return None, error or "another rank could not load it"
+    return client, None
+
+
+def _resume_micro_batch(run: Run, restore) -> None:
+    """A run that had backed off (OOM) goes on at its smaller micro-batch: the engine (built for
+    the plan's) is rebuilt for it and the checkpoint loaded again; the loader follows."""
+    saved, planned = run.state.micro_batch, run.loader.micro_batch
+    per_rank = run.plan.global_batch // run.dist.world_size
+    if saved == planned:
+        return
+    if not 0 < saved < planned or per_rank % saved:  # another number of ranks: the plan's
+        run.state.micro_batch = planned
+        return
+    log.info("the run had backed off to micro-batch %d after running out of memory: going on "
+             "with it (planned %d)", saved, planned)
+    _use_micro_batch(run, saved, restore)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -241,48 +397,79 @@ def peak_memory_bytes() -> int:
 def optimizer_step(run: Run) -> float:
     """One global batch: accum micro-batches, then engine.step(). Returns the mean loss over the
     global batch (all ranks). On an out-of-memory error on any rank, every rank halves its
-    micro-batch, doubles accumulation (same global batch, same blocks) and redoes the step."""
+    micro-batch, doubles accumulation (same global batch, same blocks) and redoes the step from
+    the state it started from (see _back_off)."""
+    _check_micro_batch(run)
     start = run.loader.consumed
+    rng = checkpoint.rng_state()  # a few KB: the redone step draws what the step drew
     while True:
         try:
             return _micro_steps(run)
         except _AgreedOOM:
-            _back_off(run, start)
+            pass  # back off outside the handler: its traceback holds the failed step's graph
+        _back_off(run, start)
+        checkpoint.set_rng_state(rng)
 
 
 class _AgreedOOM(Exception):
     """Every rank knows some rank ran out of memory in this micro-step."""
 
 
+def _check_micro_batch(run: Run) -> None:
+    """The run's micro-batch, the loader's and the engine's are one (a back-off or a resume of a
+    backed-off run changes all three, or the global batch would silently change)."""
+    engine_micro = run.engine.train_micro_batch_size_per_gpu()
+    if not run.state.micro_batch == run.loader.micro_batch == engine_micro:
+        raise PtlmError(f"internal: micro-batch {run.state.micro_batch} (run), "
+                        f"{run.loader.micro_batch} (loader), {engine_micro} (engine) disagree")
+
+
 def _micro_steps(run: Run) -> float:
     losses = []
     it = iter(run.loader)
-    for _ in range(run.engine.gradient_accumulation_steps()):
+    for micro in range(1, run.engine.gradient_accumulation_steps() + 1):
         ids = next(it).to(run.dist.device, non_blocking=True)
-        mean = _agreed(run, lambda: _forward(run, ids))
-        _agreed(run, lambda: run.engine.backward(mean))
-        if run.engine.is_gradient_accumulation_boundary() and run.plan.setting.zero == 0:
-            run.state_grad_norm = grad_norm(run.model)  # ZeRO-0: DeepSpeed does not keep it
-        run.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+        mean = _agreed(run, lambda: _forward(run, ids, micro))
+        _agreed(run, lambda: _backward(run, mean, micro))
+        if run.engine.is_gradient_accumulation_boundary():
+            if run.plan.setting.zero == 0:
+                run.state_grad_norm = grad_norm(run.model)  # ZeRO-0: DeepSpeed does not keep it
+            _agreed(run, lambda: _engine_step(run, micro))
+        else:
+            run.engine.step()  # between boundaries DeepSpeed only counts the micro-step
         losses.append(mean.detach().float())  # no .item() here: it would wait for the GPU
     total, count = all_reduce_sum([float(torch.stack(losses).sum()), len(losses)],
                                   run.dist.device)  # one sync per optimizer step
     return total / count
 
 
-def _forward(run: Run, ids: torch.Tensor) -> torch.Tensor:
-    _maybe_inject_oom(run)
+def _forward(run: Run, ids: torch.Tensor, micro: int = 1) -> torch.Tensor:
+    _maybe_inject_oom(run, micro, "forward")
     mean, _, _ = run.engine(ids)
     return mean
+
+
+def _backward(run: Run, mean: torch.Tensor, micro: int) -> None:
+    hook = _maybe_inject_oom(run, micro, "backward")
+    try:
+        run.engine.backward(mean)
+    finally:
+        if hook is not None:
+            hook.remove()
+
+
+def _engine_step(run: Run, micro: int) -> None:
+    _maybe_inject_oom(run, micro, "step")
+    run.engine.step()
 
 
 def _agreed(run: Run, fn):
     """Run fn; then every rank learns whether any rank ran out of memory in it.
 
-    Ranks agree after the forward and after the backward, before the next collective. Ranks
-    usually run out of memory together (same shapes, same model); one rank alone running out
-    inside a collective (ZeRO-3's forward gathers, ZeRO-2's backward reductions) can still hang
-    the others until the process group's timeout."""
+    Ranks agree after the forward, after the backward and after the boundary's engine.step(),
+    before the next collective. Ranks usually run out of memory together (same shapes, same
+    model); one rank alone running out inside a collective (ZeRO-3's forward gathers, ZeRO-2's
+    backward reductions) can still hang the others until the process group's timeout."""
     oom, out = False, None
     try:
         out = fn()
@@ -293,35 +480,102 @@ def _agreed(run: Run, fn):
     return out
 
 
-def _maybe_inject_oom(run: Run) -> None:
-    """Testing aid (ptlm.run.faults): one OOM, on rank 0 only, in the first micro-step."""
-    faults.maybe_oom(run.state.step + 1, 1, "forward", run.dist.is_main)
+def _maybe_inject_oom(run: Run, micro: int, phase: str):
+    """Testing aid (ptlm.run.faults, PTLM_FAULT_OOM=STEP:MICRO:PHASE): one OOM in optimizer step
+    STEP, micro-step MICRO.
+
+    forward: on rank 0 only, before the forward's first collective (the case of one rank
+    running out first). backward: on every rank, from a gradient hook on the model's middle
+    parameter, i.e. in the middle of the backward, after part of the gradients were accumulated
+    and (ZeRO-2/3) reduced; every rank, because a lone rank leaving a backward halfway leaves the
+    others in its reductions. step: on every rank, as engine.step() starts at the boundary.
+    Returns the backward hook's handle (the caller removes it), else None."""
+    step = run.state.step + 1
+    spec = faults.oom_spec()
+    if spec is None or spec[:2] != (step, micro) or spec[2] != phase:
+        return None
+    if phase == "forward":
+        faults.maybe_oom(step, micro, phase, run.dist.is_main)
+        return None
+    if phase == "step":
+        faults.maybe_oom(step, micro, phase, True)
+        return None
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    return params[len(params) // 2].register_post_accumulate_grad_hook(
+        lambda _p: faults.maybe_oom(step, micro, phase, True))
 
 
 def _back_off(run: Run, step_start: int) -> None:
+    """Halve the micro-batch and put every rank back at the start of the failed step.
+
+    The failed step left DeepSpeed halfway through an accumulation window: partial gradients,
+    ZeRO-1/2 buckets, already-reduced flags and accumulated partitions, ZeRO-3 gathered
+    parameters and a half-walked backward, the fp16 overflow check. Rather than reset each of
+    those by hand per stage and per precision, the engine is rebuilt: the model, optimizer,
+    scheduler and loss-scaler states (untouched by a step that never reached the optimizer) go
+    through DeepSpeed's own save_checkpoint/load_checkpoint into a fresh engine built for the new
+    micro-batch. It costs one checkpoint and one model build, once per back-off. (An OOM inside
+    the optimizer update itself could leave it half applied; the injected "step" fault fires
+    before the update starts.)"""
     old = run.state.micro_batch
     if old == 1:
         raise PtlmError("out of GPU memory at micro-batch 1: nothing left to halve. Plan again "
                         "for this GPU (`ptlm plan`), e.g. with --checkpointing on, --zero 3 or "
                         "--offload optimizer")
     new = old // 2
-    engine = run.engine
-    engine.zero_grad()  # drop the partial gradients of the failed step
-    if hasattr(engine.optimizer, "zero_grad"):
-        engine.optimizer.zero_grad()
-    engine.micro_steps -= engine.micro_steps % engine.gradient_accumulation_steps()
-    engine.set_train_micro_batch_size(new)
-    engine.set_train_batch_size(run.plan.global_batch)  # accumulation doubles
-    run.loader.set_micro_batch(new)
+    tmp = run.cfg.out / ".oom_backoff"
+    _release_zero3(run)
+    run.engine.save_checkpoint(str(tmp), tag="step_start", save_latest=False)
+    _use_micro_batch(run, new, lambda engine: engine.load_checkpoint(
+        str(tmp), tag="step_start", load_optimizer_states=True, load_lr_scheduler_states=True))
+    barrier()
+    if run.dist.is_main:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
     run.loader.consumed = step_start  # redo the same blocks
-    run.state.micro_batch = new
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     log.warning("out of memory at micro-batch %d: every rank now runs micro-batch %d with "
                 "accumulation %d (global batch %d unchanged); redoing step %d", old, new,
-                engine.gradient_accumulation_steps(), run.plan.global_batch, run.state.step + 1)
+                run.engine.gradient_accumulation_steps(), run.plan.global_batch,
+                run.state.step + 1)
     run.metrics.write({"kind": "oom_backoff", "step": run.state.step, "micro_batch": new,
-                       "grad_accum": engine.gradient_accumulation_steps()})
+                       "grad_accum": run.engine.gradient_accumulation_steps()})
+
+
+def _release_zero3(run: Run) -> None:
+    """ZeRO-3: release the parameters a stopped forward/backward left gathered."""
+    if run.plan.setting.zero == 3:
+        run.engine.optimizer.parameter_offload.get_param_coordinator().release_and_reset_all(
+            run.engine.module)
+
+
+def plan_with_micro_batch(p, micro: int):
+    """The plan at another micro-batch, the same global batch (accumulation makes it up)."""
+    from dataclasses import replace
+
+    per_rank = p.global_batch // p.hardware.world
+    if per_rank % micro:
+        raise PtlmError(f"micro-batch {micro} does not divide the {per_rank} sequences per rank")
+    chosen = replace(p.chosen, setting=p.setting.with_(micro_batch=micro),
+                     grad_accum=per_rank // micro)
+    return replace(p, chosen=chosen)
+
+
+def _use_micro_batch(run: Run, micro: int, restore) -> None:
+    """Replace the engine by one built for `micro` (same global batch); restore(engine) fills
+    it (load_checkpoint). The old engine is dropped first: its memory is what ran out."""
+    import gc
+
+    plan = plan_with_micro_batch(run.plan, micro)
+    run.engine = run.model = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    built = run.build(plan)
+    restore(built.engine)
+    run.engine, run.model, run.plan = built.engine, built.model, plan
+    run.loader.set_micro_batch(micro)
+    run.state.micro_batch = micro
 
 
 def grad_norm(model: nn.Module) -> float:
@@ -388,11 +642,11 @@ def train_loop(run: Run) -> None:
             log_step(run, loss, dt, bar)
             if loader.consumed == loader.blocks_per_epoch:
                 break  # end_epoch evaluates and saves
-            if due(cfg.eval_every, s.step):
+            if due(cfg.eval.eval_every, s.step):
                 run_eval(run, "every")
-            minutes_due = cfg.save_every_minutes > 0 and any_rank(
-                time.time() - run.last_save >= 60 * cfg.save_every_minutes, run.dist.device)
-            if due(cfg.save_every, s.step) or minutes_due:
+            minutes_due = cfg.ckpt.save_every_minutes > 0 and any_rank(
+                time.time() - run.last_save >= 60 * cfg.ckpt.save_every_minutes, run.dist.device)
+            if due(cfg.ckpt.save_every, s.step) or minutes_due:
                 save(run)
             faults.kill_after_step(s.step)  # testing aid: die as a preempted node would
         if loader.consumed == loader.blocks_per_epoch:
@@ -409,7 +663,7 @@ def finish(run: Run) -> dict:
     if not s.epochs or s.epochs[-1]["step"] != s.step:  # stopped mid-epoch (max steps/tokens)
         run_eval(run, "final")
         save(run)
-    if run.cfg.export:
+    if run.cfg.ckpt.export:
         export_hf(run.model, run.cfg.out / EXPORT_DIR, run.val.tokenizer_path, run.dist,
                   run.plan.setting.zero)
     summary = {"run": run_facts(run), "epochs": s.epochs}
@@ -420,6 +674,7 @@ def finish(run: Run) -> dict:
         path = report.write(run.cfg.out, summary, records)
         log.info("report: %s", path)
     run.metrics.close()
+    lock.release(run.cfg.out)  # the process may go on (tests); the OS releases it on exit anyway
     return summary
 
 
@@ -433,7 +688,7 @@ def run_facts(run: Run) -> dict:
     s = run.state
     epochs_done = len(s.epochs)
     return {
-        "model": run.cfg.model, "data": str(run.cfg.data), "seq_len": run.val.seq_len,
+        "model": run.cfg.what.model, "data": str(run.cfg.corpus.data), "seq_len": run.val.seq_len,
         "epochs": epochs_done if epochs_done else f"{s.step}/{run.loader.steps_per_epoch} steps",
         "micro_batch": s.micro_batch, "global_batch": run.plan.global_batch,
         "device": device_name(run.dist), "setting": run.plan.setting.describe(),

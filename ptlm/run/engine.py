@@ -1,0 +1,120 @@
+"""One DeepSpeed engine builder, for training (ptlm.run.trainer) and `ptlm probe` alike: the probe
+measures exactly the engine a run with the same plan trains.
+
+    build_engine(plan, source, hyper)
+      _ds_config        the complete DeepSpeed config of the plan (ptlm.run.setup.deepspeed_config)
+      _setup_model      the HF model in the plan's precision; under ZeRO-3 built partitioned
+                        (HfDeepSpeedConfig -> deepspeed.zero.Init); embeddings checked against
+                        the data's ids; activation checkpointing when planned
+      _setup_optimizer  ptlm's optimizer (ptlm.model.optim), or DeepSpeed's own CPU Adam
+      deepspeed.initialize(LossModule(model), optimizer, config)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from torch import nn
+
+from ptlm.model.load import check_vocab, embedding_rows, enable_checkpointing, load_model
+from ptlm.model.loss import LossModule
+from ptlm.model.optim import build_optimizer, full_shape
+from ptlm.plan.dsconfig import OptimizerHyper
+from ptlm.plan.planner import Plan
+from ptlm.run.setup import ModelSource, deepspeed_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Engine:
+    """What build_engine made: the DeepSpeed engine around LossModule(model), the HF model itself
+    (export, checkpointing), the DeepSpeed config it was built with and the plan."""
+
+    engine: object
+    model: nn.Module
+    ds_config: dict
+    plan: Plan
+    parameters: int  # the model's whole parameter count (ds_numel under ZeRO-3)
+    embedding_rows: int
+    optimizer: str  # the optimizer's class, or "DeepSpeed <type>" when DeepSpeed built it
+
+    def record(self) -> dict:
+        """The engine's identity, as the run (engine.json) and the probe (its cache) record it."""
+        return {"ds_config": self.ds_config, "parameters": self.parameters,
+                "embedding_rows": self.embedding_rows, "optimizer": self.optimizer,
+                "setting": self.plan.setting.to_dict()}
+
+
+def build_engine(plan: Plan, source: ModelSource, hyper: OptimizerHyper,
+                 ds_template: str | None = None, lr_scheduler=None,
+                 ds_extra: dict | None = None) -> Engine:
+    """The engine for `plan`. ds_template: a ds_configs/ template the plan fills; ds_extra:
+    top-level DeepSpeed config entries added as they are (e.g. {"checkpoint": {...}})."""
+    import deepspeed
+
+    ds_config, opt = _ds_config(plan, hyper, ds_template, ds_extra)
+    model = setup_model(source, plan.setting.precision, ds_config, plan.setting.checkpointing)
+    optimizer = _setup_optimizer(plan, model, opt, ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=LossModule(model, plan.setting.chunked_loss),
+                                           optimizer=optimizer, config=ds_config,
+                                           lr_scheduler=lr_scheduler)
+    name = (type(optimizer).__name__ if optimizer is not None
+            else f"DeepSpeed {ds_config['optimizer']['type']}")
+    return Engine(engine=engine, model=model, ds_config=ds_config, plan=plan,
+                  parameters=parameter_count(model), embedding_rows=embedding_rows(model),
+                  optimizer=name)
+
+
+def _ds_config(plan: Plan, hyper: OptimizerHyper, template: str | None,
+               extra: dict | None) -> tuple[dict, dict]:
+    ds_config, opt = deepspeed_config(plan, hyper, template)
+    ds_config.update(extra or {})
+    return ds_config, opt
+
+
+def setup_model(source: ModelSource, precision: str, ds_config: dict | None = None,
+                checkpointing: bool = False) -> nn.Module:
+    """The HF model in `precision`, its embeddings large enough for the data's ids. With a ZeRO-3
+    DeepSpeed config transformers builds it partitioned (deepspeed.zero.Init through
+    HfDeepSpeedConfig, alive while the model loads and its vocabulary is checked): no rank ever
+    holds the whole model."""
+    zero3 = None
+    if ds_config and ds_config.get("zero_optimization", {}).get("stage") == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        zero3 = HfDeepSpeedConfig(ds_config)
+    try:
+        model = load_model(source.config if source.from_scratch else source.spec,
+                           precision=precision)
+        if source.vocab is not None:
+            check_vocab(model, source.vocab)
+        if checkpointing:
+            enable_checkpointing(model)
+    finally:
+        del zero3  # later from_pretrained calls in this process load whole again
+    return model
+
+
+def _setup_optimizer(plan: Plan, model: nn.Module, opt: dict, ds_config: dict):
+    """ptlm's optimizer on the model's parameters; None (and the config's "optimizer" block) when
+    DeepSpeed must build its CPU Adam itself."""
+    optimizer = build_optimizer(plan.setting, model.named_parameters(), **opt)
+    if optimizer is None:  # DeepSpeed builds CPU Adam from the config
+        ds_config["optimizer"] = {"type": "AdamW",
+                                  "params": {**opt, "betas": list(opt["betas"])}}
+    return optimizer
+
+
+def parameter_count(model: nn.Module) -> int:
+    """All of the model's parameters, also when ZeRO-3 holds only a partition of each."""
+    total = 0
+    for p in model.parameters():
+        n = getattr(p, "ds_numel", None)
+        if n is None:
+            n = 1
+            for d in full_shape(p):
+                n *= d
+        total += n
+    return total

@@ -1,0 +1,177 @@
+"""One engine builder (ptlm.run.engine) for training and `ptlm probe`; rank 0's plan on every rank;
+ZeRO-3's partitioned parameters seen at their real shapes (weight decay, vocabulary check)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from ptlm.plan import probe_cache
+from ptlm.run.distributed import free_port
+from tests.conftest import ROOT
+from tests.test_trainer import losses, records, tiny_model, train
+
+PADDED_VOCAB = 1032  # the demo data's tokenizer has 1024 ids: a padded table, as OPT's 50,272
+
+
+# ------------------------------------------------------------------ rank 0 decides the plan
+
+def _plan_on_rank(rank: int, port: int, data: str, out: str, model: str, tmp: str) -> None:
+    """One of two gloo ranks whose machines differ: rank 1 sees twice rank 0's host RAM
+    and a probe cache of its own that says only micro-batch 1 fits."""
+    import dataclasses
+
+    from ptlm.commands import probe as probe_cmd
+    from ptlm.run import hardware
+    from ptlm.run import setup as runsetup
+    from ptlm.run.config import RunConfig
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    os.environ[probe_cache.CACHE_ENV] = os.path.join(tmp, f"cache{rank}")
+    real = hardware.detect()
+    host = real.host_memory_bytes if rank == 0 else real.host_memory_bytes * 2
+    hardware.detect = lambda: dataclasses.replace(real, host_memory_bytes=host)
+    cfg = RunConfig.from_flat({"model": model, "data": data, "out": out, "from_scratch": True,
+                               "global_batch": 16})
+    from ptlm.data.reader import PackedDataset
+
+    source = runsetup.model_source(model, True, PackedDataset(data, "train"))
+    if rank == 1:  # this rank's own probe cache: micro-batch 1 is the largest that fits
+        mine = runsetup.plan_for(model, source.config, 64, 16, cfg.forced, 2, False)
+        hw = mine.hardware
+        probe_cache.write_cache(probe_cache.cache_key(model, hw.gpu_name, hw.gpu_memory_bytes,
+                                                      64, mine.setting, 2),
+                                {"largest_micro_batch": 1})
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        trained = runsetup.resolve_plan(cfg, source.config, 64, 2, False)
+        args = argparse.Namespace(model=model, global_batch=16, precision=None, zero=None,
+                                  offload=None, checkpointing=None, optimizer=None,
+                                  chunked_loss=None, micro_batch=None)
+        probed = probe_cmd.probe_plan(args, source, 64, 2, False)
+    finally:
+        torch.distributed.destroy_process_group()
+    with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
+        json.dump({"train": trained.to_dict(), "probe": probed.to_dict()}, f)
+
+
+def test_every_rank_uses_rank0s_plan(tmp_path, demo_dataset):
+    model = tiny_model(tmp_path / "m")
+    port = free_port()
+    ctx = torch.multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_plan_on_rank, args=(r, port, str(demo_dataset),
+                                                     str(tmp_path / "out"), str(model),
+                                                     str(tmp_path)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    deadline = time.time() + 240
+    while any(p.is_alive() for p in procs) and time.time() < deadline:
+        if any(p.exitcode not in (None, 0) for p in procs):
+            break  # one rank failed: the other would wait for it in a collective
+        time.sleep(0.2)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert [p.exitcode for p in procs] == [0, 0]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert rank1 == rank0
+    assert rank0["train"]["micro_batch"] > 1  # rank 1's own cache would have said 1
+    assert rank1["probe"]["hardware"] == rank0["probe"]["hardware"]
+
+
+# ------------------------------------------------------------------ ZeRO-3 against ZeRO-0
+
+DECAY_RUN = ["--global-batch", 8, "--max-steps", 12, "--epochs", 5, "--schedule", "constant",
+             "--warmup-steps", 0, "--eval-max-blocks", 2]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A tiny OPT with weights on disk (every run starts from the same ones) and a padded
+    vocabulary: 1032 rows for the demo data's 1024 ids."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("weights")
+    config = AutoConfig.from_pretrained(tiny_model(root / "config"))
+    config.vocab_size = PADDED_VOCAB
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(root / "opt")
+    return root / "opt"
+
+
+@pytest.fixture(scope="module")
+def zero3_decay(tmp_path_factory, demo_dataset, weights):
+    out = tmp_path_factory.mktemp("z3") / "run"
+    train(demo_dataset, out, weights, *DECAY_RUN, "--weight-decay", 0.5, "--zero", 3,
+          "--micro-batch", 2, ranks=2, scratch=False)
+    return out
+
+
+def exported(out) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(out / "hf_model" / "model.safetensors")
+
+
+def distance(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_zero3_decays_the_matrices_as_zero0_does(tmp_path, demo_dataset, weights, zero3_decay):
+    """Weight decay 0.5 for 12 steps from the same weights: the ZeRO-3 export (2 ranks) ends
+    where ZeRO-0 ends, not where a run without weight decay ends."""
+    zero0, nodecay = tmp_path / "z0", tmp_path / "nowd"
+    train(demo_dataset, zero0, weights, *DECAY_RUN, "--weight-decay", 0.5, "--micro-batch", 8,
+          scratch=False)
+    train(demo_dataset, nodecay, weights, *DECAY_RUN, "--weight-decay", 0, "--micro-batch", 8,
+          scratch=False)
+    z3, z0, nowd = exported(zero3_decay), exported(zero0), exported(nodecay)
+    assert set(z3) == set(z0)
+    assert losses(zero3_decay) == pytest.approx(losses(zero0), rel=1e-4)
+    gap = distance(nowd, z0)  # what weight decay moves in 12 steps
+    assert gap > 1e-4
+    assert distance(z3, z0) < gap / 100
+
+
+def test_zero3_keeps_a_padded_vocabulary(zero3_decay):
+    """1032 rows for data of 1024 ids: never resized (un-partitioned, shrunk) under ZeRO-3."""
+    from transformers import AutoConfig
+
+    assert exported(zero3_decay)["model.decoder.embed_tokens.weight"].shape[0] == PADDED_VOCAB
+    assert AutoConfig.from_pretrained(zero3_decay / "hf_model").vocab_size == PADDED_VOCAB
+    assert json.loads((zero3_decay / "engine.json").read_text())["embedding_rows"] == PADDED_VOCAB
+
+
+# ------------------------------------------------------------------ the probe's engine
+
+def test_the_probe_builds_the_engine_training_builds(tmp_path, demo_dataset, weights,
+                                                      zero3_decay):
+    """`ptlm probe` on the run's data and flags: the same DeepSpeed config, the same model
+    (parameter count and embedding rows under ZeRO-3), the same optimizer as the run's."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu",
+           probe_cache.CACHE_ENV: str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                        "--master_port", str(free_port()), "launch/probe.py", "--model",
+                        str(weights), "--data", str(demo_dataset), "--global-batch", "8",
+                        "--zero", "3", "--micro-batch", "2", "--json"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (entry,) = json.loads((tmp_path / "cache" / "probe.json").read_text()).values()
+    trained = json.loads((zero3_decay / "engine.json").read_text())
+    assert entry["engine"]["ds_config"] == json.loads((zero3_decay / "ds_config.json").read_text())
+    assert entry["engine"] == trained
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(weights)  # plain HF, whole, on one process
+    assert trained["parameters"] == sum(p.numel() for p in plain.parameters())
+    assert trained["embedding_rows"] == PADDED_VOCAB

@@ -1,0 +1,77 @@
+"""Stale DeepSpeed JIT build locks (issue 9): never wait on them silently."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ptlm.errors import PtlmError
+from ptlm.run import oplocks
+
+
+@pytest.fixture
+def ext(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    (tmp_path / "ext" / "cpu_adam").mkdir(parents=True)
+    return tmp_path / "ext"
+
+
+def test_extensions_root_follows_torch_extensions_dir(ext, monkeypatch):
+    assert oplocks.extensions_root() == ext
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    from torch.utils.cpp_extension import _get_build_directory
+
+    assert str(oplocks.extensions_root() / "x") == _get_build_directory("x", False).rstrip("/")
+
+
+def test_stale_lock_on_a_local_disk_is_removed_and_named(ext, caplog):
+    lock = ext / "cpu_adam" / "lock"
+    lock.touch()  # what a build killed midway leaves
+    assert oplocks.holders(lock) == []
+    with caplog.at_level("WARNING", logger="ptlm.run.oplocks"):
+        assert oplocks.check_op_locks(poll_s=0.01) == [lock]
+    assert not lock.exists()
+    assert f"removed {lock}: a stale lock of DeepSpeed op 'cpu_adam'" in caplog.text
+
+
+def test_unexplained_lock_fails_after_the_bounded_wait(ext, monkeypatch):
+    lock = ext / "cpu_adam" / "lock"
+    lock.touch()
+    monkeypatch.setattr(oplocks, "is_local_fs", lambda path: False)  # e.g. NFS: another node?
+    monkeypatch.setenv(oplocks.WAIT_ENV, "0.3")
+    t0 = time.monotonic()
+    with pytest.raises(PtlmError, match=rf"{lock}: a lock of a DeepSpeed op build.*rm {lock}"):
+        oplocks.check_op_locks(poll_s=0.05)
+    assert time.monotonic() - t0 < 5 and lock.exists()
+    monkeypatch.setenv(oplocks.WAIT_ENV, "soon")
+    with pytest.raises(PtlmError, match="PTLM_OPLOCK_WAIT='soon'"):
+        oplocks.check_op_locks()
+
+
+def test_a_live_build_is_waited_for_loudly_and_its_lock_left_alone(ext, caplog):
+    lock = ext / "cpu_adam" / "lock"
+    builder = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_EXCL); "
+        "print('held', flush=True); time.sleep(1.5); os.close(fd); os.remove(sys.argv[1])"),
+        str(lock)], stdout=subprocess.PIPE, text=True)
+    assert builder.stdout.readline().strip() == "held"
+    with caplog.at_level("WARNING", logger="ptlm.run.oplocks"):
+        assert oplocks.check_op_locks(wait_s=0.1, poll_s=0.05) == []
+    assert builder.wait(timeout=10) == 0  # its own remove() found the file: not raced
+    assert f"waiting for process(es) {builder.pid} building DeepSpeed op 'cpu_adam'" in caplog.text
+
+
+def test_fs_type_of_a_path():
+    assert oplocks.fs_type(__file__) is not None or not oplocks.Path("/proc/self").exists()
+
+
+def test_distributed_init_checks_the_locks_before_deepspeed(monkeypatch):
+    from ptlm.run import distributed
+
+    def stale(*a, **k):
+        raise PtlmError("stale lock")
+
+    monkeypatch.setattr(oplocks, "check_op_locks", stale)
+    with pytest.raises(PtlmError, match="stale lock"):
+        distributed.init()
