@@ -66,7 +66,7 @@ OFFLOADED_LABELS = ("optimizer_states", "master_fp32", "fp32_grads", "host_buffe
 
 def run_grid(settings: list[str], *, layers: int, hidden: int, vocab: int, seq: int,
              micro_batch: int, precision: str, steps: int, chunked_loss: bool,
-             timeout: float = 1800) -> list[dict]:
+             device_gib: float = DEVICE_MEMORY_BYTES / 2**30, timeout: float = 1800) -> list[dict]:
     """Launch 2 ranks on this file and return one result per (setting, rank)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
@@ -76,7 +76,7 @@ def run_grid(settings: list[str], *, layers: int, hidden: int, vocab: int, seq: 
                "--master_port", str(_free_port()), __file__, "--worker", "--out", str(out),
                "--layers", str(layers), "--hidden", str(hidden), "--vocab", str(vocab),
                "--seq", str(seq), "--micro-batch", str(micro_batch), "--precision", precision,
-               "--steps", str(steps), "--settings", *settings]
+               "--steps", str(steps), "--device-gib", str(device_gib), "--settings", *settings]
         if not chunked_loss:
             cmd.append("--full-loss")
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -100,8 +100,12 @@ def _free_port() -> int:
 
 def worker(args) -> None:
     import deepspeed
+    import deepspeed.comm.torch as ds_comm_torch
     import torch
 
+    # DeepSpeed's CPU shared-memory all-reduce op serves inference_all_reduce only
+    # (deepspeed/comm/torch.py:292-306); loading it costs ~20 s per rank here, so skip it.
+    ds_comm_torch.build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()
     results = []
@@ -129,8 +133,8 @@ def _plan(args, zero: int, offload: str):
     from ptlm.plan.memory import Job
     from ptlm.plan.planner import plan
 
-    hw = HardwareFacts(gpu_name="cpu", gpu_memory_bytes=DEVICE_MEMORY_BYTES, gpus_per_node=2,
-                       bf16=True, device_type="cpu")
+    hw = HardwareFacts(gpu_name="cpu", gpu_memory_bytes=int(args.device_gib * 2**30),
+                       gpus_per_node=2, bf16=True, device_type="cpu")
     forced = dict(precision=args.precision, zero=zero, offload=offload, checkpointing=False,
                   optimizer="adamw", chunked_loss=not args.full_loss, micro_batch=args.micro_batch)
     job = Job(seq_len=args.seq, global_batch=2 * args.micro_batch)
@@ -190,7 +194,9 @@ def measure_setting(name: str, args, rank: int) -> dict:
                   optimizer=final_type, predicted=mem.to_dict(), plan_setting=p.setting.to_dict(),
                   model=dict(layers=args.layers, hidden=args.hidden, vocab=args.vocab,
                              seq=args.seq, micro_batch=args.micro_batch,
-                             precision=args.precision, parameters=p.model.parameters))
+                             precision=args.precision, parameters=p.model.parameters,
+                             loss="HF full-logits" if args.full_loss else "chunked",
+                             bucket=p.ds_buffers.reduce_bucket_size))
     return result
 
 
@@ -379,18 +385,30 @@ def _by_label_start(labels) -> dict:
 
 # ---------------------------------------------------------------------------------------- table
 
+def _measured(r: dict) -> int:
+    return r["device_peak_bytes"] if r["offload"] != "none" else r["peak_bytes"]
+
+
 def rows(results: list[dict]) -> list[dict]:
-    """One row per (setting, rank): measured vs predicted device peak and the categories."""
+    """One row per (setting, rank): measured vs predicted device peak and the categories.
+
+    `error` compares the prediction with the worst rank of the setting (ranks differ a little:
+    which rank's partition holds what); a plan must fit the worst rank. `rank_error` is this
+    rank's own."""
+    worst: dict[str, int] = {}
+    for r in results:
+        worst[r["setting"]] = max(worst.get(r["setting"], 0), _measured(r))
     out = []
     for r in results:
         pred = r["predicted"]
         offloaded = r["offload"] != "none"
-        measured = r["device_peak_bytes"] if offloaded else r["peak_bytes"]
+        measured = _measured(r)
         labels = r["device_peak_labels"] if offloaded else r["peak_labels"]
         out.append(dict(
             setting=r["setting"], rank=r["rank"], optimizer=r["optimizer"], measured=measured,
-            predicted=pred["peak_tensor_bytes"],
-            error=pred["peak_tensor_bytes"] / measured - 1,
+            predicted=pred["peak_tensor_bytes"], worst=worst[r["setting"]],
+            error=pred["peak_tensor_bytes"] / worst[r["setting"]] - 1,
+            rank_error=pred["peak_tensor_bytes"] / measured - 1,
             phase=(r["device_peak_phase"] if offloaded else r["peak_phase"]),
             predicted_phase=pred["peak_phase"], all_bytes=r["peak_bytes"], labels=labels,
             step_peaks=r["step_peaks"]))
@@ -401,11 +419,12 @@ def markdown(results: list[dict]) -> str:
     first = results[0]["model"]
     head = (f"OPT {first['layers']} layers, hidden {first['hidden']}, vocab {first['vocab']} "
             f"({first['parameters'] / 1e6:.1f} M params), {first['precision']}, micro-batch "
-            f"{first['micro_batch']} x {first['seq']} tokens, 2 ranks (gloo, DS_ACCELERATOR=cpu); "
-            "MiB; predictions for device_type='cpu'\n\n")
-    lines = ["| setting | rank | measured device peak | predicted | error | measured phase "
-             "(predicted) | all live bytes | at the measured peak: held before the step "
-             "/ made in forward / backward / step |",
+            f"{first['micro_batch']} x {first['seq']} tokens, {first['loss']} loss, reduce bucket "
+            f"{first['bucket'] / 1e6:.1f} M elements, 2 ranks (gloo, DS_ACCELERATOR=cpu); MiB; "
+            "predictions for device_type='cpu'\n\n")
+    lines = ["| setting | rank | measured device peak | predicted | error vs worst rank (this "
+             "rank) | measured phase (predicted) | all live bytes | at the measured peak: held "
+             "before the step / made in forward / backward / step |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows(results):
         lab = row["labels"]
@@ -414,7 +433,8 @@ def markdown(results: list[dict]) -> str:
         made = " / ".join(f"{lab.get('new:' + ph, 0) / MiB:.1f}" for ph in PHASES)
         lines.append(
             f"| {row['setting']} | {row['rank']} | {row['measured'] / MiB:.1f} | "
-            f"{row['predicted'] / MiB:.1f} | {100 * row['error']:+.1f}% | {row['phase']} "
+            f"{row['predicted'] / MiB:.1f} | {100 * row['error']:+.1f}% "
+            f"({100 * row['rank_error']:+.1f}%) | {row['phase']} "
             f"({row['predicted_phase']}) | {row['all_bytes'] / MiB:.1f} | {held_txt} / {made} |")
     return head + "\n".join(lines) + "\n"
 
@@ -429,6 +449,8 @@ def main(argv=None) -> None:
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--device-gib", type=float, default=DEVICE_MEMORY_BYTES / 2**30,
+                    help="per-rank memory the plan assumes; it sizes DeepSpeed's buckets (1%%)")
     ap.add_argument("--full-loss", action="store_true", help="HF's loss instead of the chunked one")
     ap.add_argument("--json", help="also write the raw results here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -439,7 +461,8 @@ def main(argv=None) -> None:
     t0 = time.time()
     results = run_grid(args.settings, layers=args.layers, hidden=args.hidden, vocab=args.vocab,
                        seq=args.seq, micro_batch=args.micro_batch, precision=args.precision,
-                       steps=args.steps, chunked_loss=not args.full_loss)
+                       steps=args.steps, chunked_loss=not args.full_loss,
+                       device_gib=args.device_gib)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     print(markdown(results))

@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -77,14 +78,17 @@ class Sizes:
     warmup_steps: int
     backoff_steps: int
     parallel: int  # child processes at once (accuracy, probe truth)
+    probe_global: int  # `ptlm probe`'s global batch: it tries the divisors of it
+    truth_limit: int  # the true-largest search goes up to this micro-batch
     budget_s: float
     stage_min_s: dict = field(default_factory=dict)  # a stage is skipped below this much budget
 
 
 def real_sizes(budget_s: float) -> Sizes:
     return Sizes(rehearse=False, small="opt-125m", large="opt-1.3b", seq=1024, vocab=50265,
-                 train_blocks=380, headline_steps=20, throughput_steps=10, warmup_steps=3,
-                 backoff_steps=4, parallel=6, budget_s=budget_s,
+                 train_blocks=420, headline_steps=20, throughput_steps=10, warmup_steps=3,
+                 backoff_steps=3, parallel=6, probe_global=64, truth_limit=128,
+                 budget_s=budget_s,
                  stage_min_s={"headline": 60, "probe": 60, "backoff": 40, "throughput": 70,
                               "accuracy": 60})
 
@@ -100,7 +104,8 @@ def rehearsal_sizes(budget_s: float, work: Path) -> Sizes:
               word_embed_proj_dim=48, **tiny).save_pretrained(large)
     return Sizes(rehearse=True, small=str(small), large=str(large), seq=32, vocab=253,
                  train_blocks=340, headline_steps=20, throughput_steps=5, warmup_steps=2,
-                 backoff_steps=2, parallel=2, budget_s=budget_s,
+                 backoff_steps=2, parallel=2, probe_global=16, truth_limit=32,
+                 budget_s=budget_s,
                  stage_min_s={s: 5 for s in STAGES})
 
 
@@ -143,19 +148,18 @@ ACCURACY_GRID = [
 ]
 # The rehearsal: the same code path, a few settings DeepSpeed's CPU accelerator runs quickly.
 REHEARSAL_GRID = [
-    ("small", 4, dict(precision="fp32", zero=0, checkpointing="off", optimizer="adamw",
-                      chunked_loss="off")),
     ("large", 4, dict(precision="fp32", zero=2, checkpointing="on", optimizer="adamw",
-                      chunked_loss="on")),
+                      chunked_loss="off")),
 ]
 # The knobs of a setting that does not fit micro-batch 16 x 1024 of OPT-125M on a T4 (for the
 # back-off stage), tried in order; the first whose prediction says so is used.
 BACKOFF_CANDIDATES = [
     dict(precision="fp16", zero=0, offload="none", checkpointing="off", optimizer="adamw",
-         chunked_loss="off"),
-    dict(precision="fp16", zero=0, offload="none", checkpointing="off", optimizer="adamw",
          chunked_loss="on"),
+    dict(precision="fp16", zero=0, offload="none", checkpointing="off", optimizer="adamw",
+         chunked_loss="off"),
 ]
+BACKOFF_MICRO_BATCHES = (16, 32, 64, 128)
 KNOBS = ("precision", "zero", "offload", "checkpointing", "optimizer", "chunked_loss")
 
 
@@ -293,23 +297,26 @@ def child_hf_trainer(argv: list[str]) -> None:
     config = resolve_config(spec)
     config.vocab_size = -(-blocks.vocab_size // 8) * 8  # as ptlm's --from-scratch sizes it
     torch.manual_seed(0)
-    bf16, fp16 = cfg.get("bf16", {}).get("enabled", False), cfg.get("fp16", {}).get("enabled", False)
+    bf16 = cfg.get("bf16", {}).get("enabled", False)
+    fp16 = cfg.get("fp16", {}).get("enabled", False)
     dtype = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     cfg.pop("optimizer", None)
     cfg.pop("scheduler", None)
-    times: list[float] = []
+    times: list[float] = []  # between consecutive optimizer-step ends: the whole step, data too
 
     class Clock(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+        t = None
+
+        def on_train_begin(self, *a, **k):
             self.t = time.perf_counter()
 
         def on_step_end(self, *a, **k):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - self.t)
+            now = time.perf_counter()
+            times.append(now - self.t)
+            self.t = now
 
     args = TrainingArguments(
         output_dir=out, per_device_train_batch_size=cfg["train_micro_batch_size_per_gpu"],
@@ -465,16 +472,18 @@ class Check:
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(pythonpath),
                     "DS_ACCELERATOR": "cpu" if sizes.rehearse else "cuda",
                     "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                    "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
-                    "PTLM_CACHE": str(work / "ptlm_cache")}
+                    "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
         if sizes.rehearse:
             self.env.setdefault("OMP_NUM_THREADS", "1")
+            if "TORCH_EXTENSIONS_DIR" not in os.environ:
+                self.env["TORCH_EXTENSIONS_DIR"] = str(private_extensions_dir())
         else:
-            self.env.setdefault("OMP_NUM_THREADS", "2")
+            self.env.setdefault("OMP_NUM_THREADS", "4")  # 16 cores, up to 6 children at once
         self.device: dict = {}
         self.data: Path | None = None
         self.cap: int | None = None
         self._n = 0
+        self._lock = threading.Lock()
 
     # ---------------------------------------------------------------- processes
     def remaining(self) -> float:
@@ -484,10 +493,12 @@ class Check:
             env: dict | None = None, mem_out: bool = False) -> dict:
         """Run `python ARGS` (cwd: the repo) with a timeout (never past the budget); returns rc,
         seconds, stdout, the tail of its output and, with mem_out, the _capped child's memory."""
-        self._n += 1
-        tag = f"{self._n:02d}-{name}"
+        with self._lock:
+            self._n += 1
+            tag = f"{self._n:02d}-{name}"
         log = self.logs / f"{tag}.log"
-        e = {**self.env, **(env or {})}
+        # each child its own probe cache: no run's micro-batch is lowered by another's probe
+        e = {**self.env, "PTLM_CACHE": str(self.work / "ptlm_cache" / tag), **(env or {})}
         if cap:
             e[CAP_ENV] = str(cap)
         mem_file = self.work / f"{tag}.mem.json"
@@ -534,7 +545,7 @@ class Check:
         t0 = time.perf_counter()
         if self.remaining() < need:
             rec.update(status="skipped", note=f"budget: {self.remaining():.0f} s left of "
-                                              f"{self.sizes.budget_s:.0f}, the stage needs ~{need} s")
+                       f"{self.sizes.budget_s:.0f}, the stage needs ~{need} s")
         else:
             try:
                 fn(rec)
@@ -554,12 +565,32 @@ class Check:
         self.save()
 
     def save(self) -> None:
-        self.record["elapsed_s"] = round(time.monotonic() - self.t0, 1)
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "gpu_check.json").write_text(json.dumps(self.record, indent=2, default=str))
-        (self.out / "gpu_check.md").write_text(render_md(self.record))
+        with self._lock:
+            self.record["elapsed_s"] = round(time.monotonic() - self.t0, 1)
+            self.out.mkdir(parents=True, exist_ok=True)
+            text = json.dumps(self.record, indent=2, default=str)
+            (self.out / "gpu_check.json").write_text(text)
+            (self.out / "gpu_check.md").write_text(render_md(json.loads(text)))
 
     # ---------------------------------------------------------------- setup
+    def start_prebuild(self):
+        """`python -m ptlm.run.oplocks` in the background: builds DeepSpeed's CPU Adam while the
+        first stages start (ptlm's children wait for a build in progress rather than race it)."""
+        log = open(self.logs / "00-prebuild-ops.log", "w")
+        proc = subprocess.Popen([sys.executable, "-m", "ptlm.run.oplocks"], cwd=ROOT,
+                                env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        return proc, log, time.perf_counter()
+
+    def finish_prebuild(self, prebuild) -> None:
+        proc, log, t0 = prebuild
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # our own child, still building at the end
+            proc.wait()
+        log.close()
+        self.record["prebuild_ops"] = {"rc": proc.returncode, "log": "00-prebuild-ops.log",
+                                       "seconds_until_checked": round(time.perf_counter() - t0)}
+
     def setup_env(self) -> None:
         r = self.run("env", [str(Path(__file__)), "_env"], 180)
         info = last_json(r["stdout"]) or {"error": r.get("tail", "no output")}
@@ -615,11 +646,11 @@ class Check:
                 hw = replace(hw, gpu_memory_bytes=self.cap)
             return hw
         name = self.device.get("device") or "unknown"
-        spec = lookup_gpu(name, self.device.get("total_memory")) or UNKNOWN_GPU
-        hw = HardwareFacts.from_spec(spec)
-        total = self.device.get("total_memory") or 64 * GiB
-        return replace(hw, gpu_name=name, gpu_memory_bytes=int(total),
-                       bf16=bool(self.device.get("bf16")))
+        total = int(self.device.get("total_memory") or 64 * GiB)  # CPU: any size, unchecked
+        spec = lookup_gpu(name, total) or UNKNOWN_GPU
+        hw = HardwareFacts.from_spec(replace(spec, memory_bytes=total))
+        return replace(hw, gpu_name=name, bf16=bool(self.device.get("bf16")),
+                       device_type="cpu" if self.sizes.rehearse else "cuda")
 
     def predict(self, spec: str, knobs: dict, micro: int, global_batch: int, gpu: str | None,
                 keep_outputs: bool = False) -> dict:
@@ -681,8 +712,11 @@ class Check:
                            "final_loss": steps[-1]["loss"] if steps else None}
         if r["rc"] != 0:
             rec["ptlm_run"]["tail"] = r.get("tail")
+        run = rec["ptlm_run"]
+        if run["max_allocated"]:
+            run["error"] = mem["peak_tensor_bytes"] / run["max_allocated"] - 1
         ok_plain = plain.get("oom") is True
-        ok_ptlm = r["rc"] == 0 and len(steps) >= s.headline_steps and not rec["ptlm_run"]["backoffs"]
+        ok_ptlm = r["rc"] == 0 and len(steps) >= s.headline_steps and not run["backoffs"]
         rec["verdict"] = {"plain_hf_out_of_memory": ok_plain, "ptlm_trained_all_steps": ok_ptlm}
         if not (ok_plain and ok_ptlm):
             rec["status"] = "failed"
@@ -700,6 +734,9 @@ class Check:
                    "setting": describe_knobs(knobs, micro)}
             try:
                 row["predicted"] = self.predict(spec, knobs, micro, 2 * micro, None)
+                # `ptlm probe` walks up to the next option (2m, one micro-step) once m fits
+                row["walk_up_gpu_total"] = self.predict(spec, knobs, 2 * micro, 2 * micro,
+                                                        None)["gpu_total"]
             except Exception as e:  # noqa: BLE001
                 row["predicted_error"] = f"{type(e).__name__}: {e}"
             jobs.append((i, row))
@@ -731,7 +768,8 @@ class Check:
             row["status"] = "ok" if trial.get("fits") else "oom"
 
         run_parallel(jobs, measure, s.parallel,
-                     weight=lambda item: (item[1].get("predicted") or {}).get("gpu_total", 0),
+                     weight=lambda item: max((item[1].get("predicted") or {}).get("gpu_total", 0),
+                                             item[1].get("walk_up_gpu_total", 0)),
                      capacity=budget_bytes)
         errs = [abs(r["error"]) for r in rows if isinstance(r.get("error"), float)]
         rec["measured"] = len(errs)
@@ -745,66 +783,85 @@ class Check:
     def probe(self, rec: dict) -> None:
         s = self.sizes
         setting = getattr(self, "t4_setting", None)
-        if setting is None:  # the headline did not plan: plan here
-            r = self.ptlm("plan-t4-probe", ["plan", "--model", s.small, "--seq-len", str(s.seq),
-                                            "--global-batch", "16", "--gpu", "T4", "--json"], 120)
-            p = last_json(r["stdout"]) or {}
-            setting = p.get("setting") or (p.get("chosen") or {}).get("setting")
-            if not setting:
-                raise RuntimeError(f"ptlm plan failed: {r.get('tail')}")
+        if setting is None:  # the headline has not planned (or failed to): plan here
+            from ptlm.model.config import model_facts
+            from ptlm.plan.memory import Job
+            from ptlm.plan.planner import plan
+
+            forced = {"precision": "fp32", "offload": "none"} if s.rehearse else {}
+            setting = plan(model_facts(s.small), self.hardware("T4"), Job(s.seq, 16),
+                           forced).setting.to_dict()
         knobs = {k: setting[k] for k in KNOBS if k in setting}
-        if s.rehearse:
+        cap = self.cap
+        if s.rehearse:  # CPU: fp32, and a simulated cap between micro-batch 4 and 5
             knobs.update(precision="fp32", offload="none")
+            cap = (self.predict(s.small, knobs, 4, 8, None)["gpu_total"]
+                   + self.predict(s.small, knobs, 5, 10, None)["gpu_total"]) // 2
         rec["setting"] = describe_knobs(knobs, setting.get("micro_batch", 1))
-        rec["cap_bytes"] = self.cap
-        sim = ["--simulate-gpu-memory", str(self.cap)] if s.rehearse else []
+        rec["cap_bytes"] = cap
+        sim = ["--simulate-gpu-memory", str(cap)] if s.rehearse else []
         base = ["--model", s.small, "--from-scratch", "--seq-len", str(s.seq), *knob_flags(knobs)]
-        r = self.ptlm("probe", [*base, "--global-batch", "16", *sim, "--json"], 300,
-                      cap=self.cap, launch="probe")
+        r = self.ptlm("probe", [*base, "--global-batch", str(s.probe_global), *sim, "--json"],
+                      300, cap=cap, launch="probe")
         out = last_json(r["stdout"]) or {}
         if "largest_micro_batch" not in out:
             raise RuntimeError(f"ptlm probe gave no result: {r.get('tail')}")
         found = out["largest_micro_batch"]
+        rec["setting"] = describe_knobs(knobs, max(found, 1))
+        rec["global_batch"] = s.probe_global
         rec["probe"] = {"largest_micro_batch": found, "planned": out.get("planned_micro_batch"),
                         "trials": out.get("trials"), "search_seconds": out.get("seconds"),
                         "process_seconds": r["seconds"]}
         # The truth: each micro-batch in a fresh capped process (the probe's own trial: two
-        # optimizer steps of 2 accumulated micro-steps), searched in parallel waves.
+        # optimizer steps of 2 accumulated micro-steps), searched in parallel waves: first the
+        # probe's answer, the next micro-batch, and points up to the next option it could give.
         tried: dict[int, bool] = {}
+        failed: dict[int, str] = {}
 
         def trial(m: int) -> None:
             r = self.ptlm(f"truth-{m}", [*base, "--global-batch", str(2 * m), "--micro-batch",
-                                         str(m), *sim, "--json"], 240, cap=self.cap,
+                                         str(m), *sim, "--json"], 240, cap=cap,
                           launch="probe")
-            o = last_json(r["stdout"]) or {}
-            t = (o.get("trials") or {}).get(str(m))
-            tried[m] = bool(t and t.get("fits"))
+            t = ((last_json(r["stdout"]) or {}).get("trials") or {}).get(str(m))
+            if t is None:  # crashed, timed out: no verdict on m
+                failed[m] = (r.get("tail") or "no output")[-600:]
+            else:
+                tried[m] = bool(t.get("fits"))
 
-        hi_limit = 32 if not s.rehearse else 24
-        lo, hi = 0, hi_limit + 1  # lo fits (0: nothing known), hi does not (limit+1: unknown)
-        first = True
+        options = sorted(int(k) for k in (out.get("trials") or {})) or [found]
+        above = [o for o in probe_options(s.probe_global) if o > found]
+        lo, hi = 0, s.truth_limit + 1  # lo fits (0: none known), hi does not (limit+1: unknown)
+        first = bool(found)
         t0 = time.perf_counter()
         while hi - lo > 1 and self.remaining() > 30:
-            pts = wave_points(lo, hi, s.parallel, [found, found + 1] if first and found else [])
-            first = False
+            if first:  # found, found+1 and points up to the next option the probe could give
+                top = min(above[0] if above else hi, hi)
+                pts = [found] + wave_points(found, top, max(s.parallel - 1, 1), [found + 1])
+                first = False
+            else:
+                pts = wave_points(lo, hi, s.parallel, [])
+            pts = [m for m in pts if m not in tried and m not in failed]
+            if not pts:
+                break
             run_parallel(pts, trial, s.parallel)
             for m in sorted(tried):
-                if tried[m] and m > lo and m < hi:
+                if tried[m] and lo < m < hi:
                     lo = m
-                if not tried[m] and m < hi and m > lo:
+                if not tried[m] and lo < m < hi:
                     hi = m
-        fits_above = [m for m, ok in tried.items() if ok and m > lo]
         rec["truth"] = {"largest_micro_batch": lo if hi - lo == 1 else None,
-                        "bounds": [lo, hi], "at_least": lo, "limit": hi_limit,
+                        "bounds": [lo, hi], "at_least": lo, "limit": s.truth_limit,
                         "tried": {str(k): v for k, v in sorted(tried.items())},
-                        "non_monotone": sorted(fits_above), "seconds":
-                            round(time.perf_counter() - t0, 1),
-                        "simulated": s.rehearse}
-        if lo == hi_limit:
-            rec["truth"]["note"] = f"fits up to the search limit {hi_limit}"
-        if hi - lo > 1:
+                        "failed": {str(k): v for k, v in sorted(failed.items())},
+                        "non_monotone": sorted(m for m, ok in tried.items() if ok and m > lo),
+                        "seconds": round(time.perf_counter() - t0, 1), "simulated": s.rehearse,
+                        "probe_options": options}
+        if lo == s.truth_limit:
+            rec["truth"]["note"] = f"fits up to the search limit {s.truth_limit}"
+        elif hi - lo > 1:
             rec["status"] = "incomplete"
-            rec["note"] = "budget ran out before the true largest micro-batch was pinned down"
+            rec["note"] = ("the true largest micro-batch was not pinned down (budget, or trials "
+                           "that failed: see truth.failed)")
 
     # ---------------------------------------------------------------- 4. throughput
     def throughput(self, rec: dict) -> None:
@@ -867,28 +924,42 @@ class Check:
     # ---------------------------------------------------------------- 5. backoff
     def backoff(self, rec: dict) -> None:
         s = self.sizes
-        knobs = None
+        # Wanted: a micro-batch M (= the global batch, no accumulation) clearly over the cap (a
+        # real OOM), M/2 clearly under it (one halving, then training goes on). OPT-125M with the
+        # chunked loss fits micro-batch 16 in a T4, so M grows until the prediction overflows.
+        choice, fallback = None, None
         for cand in BACKOFF_CANDIDATES:
             c = dict(cand)
-            if s.rehearse:
-                c.update(precision="fp32")
-            pred = self.predict(s.small, c, 16, 16, "T4")
-            if s.rehearse or pred["gpu_total"] > 1.15 * self.cap:
-                knobs, rec["predicted_micro16"] = c, pred
+            if s.rehearse:  # CPU: no real OOM; PTLM_FAULT_OOM injects one at micro-batch 16
+                choice = (dict(c, precision="fp32"), 16, {})
                 break
-        if knobs is None:
-            raise RuntimeError("no candidate setting is predicted to overflow the cap at 16")
-        rec["setting"] = describe_knobs(knobs, 16)
+            for micro in BACKOFF_MICRO_BATCHES:
+                full = self.predict(s.small, c, micro, micro, "T4")
+                half = self.predict(s.small, c, micro // 2, micro, "T4")
+                pred = {str(micro): full, str(micro // 2): half}
+                if full["gpu_total"] > 1.15 * self.cap and half["gpu_total"] < 0.9 * self.cap:
+                    choice = (c, micro, pred)
+                    break
+                if fallback is None and full["gpu_total"] > 1.15 * self.cap:
+                    fallback = (c, micro, pred)
+            if choice:
+                break
+        choice = choice or fallback
+        if choice is None:
+            raise RuntimeError("no candidate setting is predicted to overflow the cap")
+        knobs, micro, rec["predicted"] = choice
+        rec.update(setting=describe_knobs(knobs, micro), micro_batch=micro, global_batch=micro)
         env = {"PTLM_FAULT_OOM": "1"} if s.rehearse else {}
         rec["oom"] = "injected (PTLM_FAULT_OOM=1): CPU rehearsal" if s.rehearse else \
             "real CUDA OOM under the cap"
         out = self.work / "run-backoff"
         r = self.ptlm("train-backoff", ["--model", s.small, "--from-scratch", "--data",
-                                        str(self.data), "--out", str(out), "--global-batch", "16",
-                                        "--micro-batch", "16", *knob_flags(knobs),
-                                        "--max-steps", str(s.backoff_steps), "--no-export",
-                                        "--eval-max-blocks", "1"], 300, cap=self.cap,
-                      env=env, launch="train")
+                                        str(self.data), "--out", str(out), "--global-batch",
+                                        str(micro), "--micro-batch", str(micro),
+                                        *knob_flags(knobs), "--max-steps",
+                                        str(s.backoff_steps), "--no-export",
+                                        "--eval-max-blocks", "1"], 300,
+                      cap=self.cap, env=env, launch="train")
         metrics = read_metrics(out)
         backoffs = [m for m in metrics if m.get("kind") == "oom_backoff"]
         steps = [m for m in metrics if m.get("kind") == "train"]
@@ -898,13 +969,18 @@ class Check:
                    max_reserved=(r.get("mem") or {}).get("max_reserved"))
         if r["rc"] != 0:
             rec["tail"] = r.get("tail")
-        halved = bool(backoffs) and backoffs[0].get("micro_batch") == 8
-        kept = all(m.get("micro_batch", 0) * m.get("grad_accum", 0) == 16 for m in backoffs)
+        halved = bool(backoffs) and backoffs[0].get("micro_batch") == micro // 2
+        kept = all(m.get("micro_batch", 0) * m.get("grad_accum", 0) == micro for m in backoffs)
         done = r["rc"] == 0 and len(steps) >= s.backoff_steps
-        rec["verdict"] = {"halved_16_to_8": halved, "global_batch_kept": bool(backoffs) and kept,
+        rec["verdict"] = {"halved": halved, "global_batch_kept": bool(backoffs) and kept,
                           "continued_to_the_end": done}
         if not (halved and kept and done):
             rec["status"] = "failed"
+
+
+def probe_options(global_batch: int) -> list[int]:
+    """The micro-batches `ptlm probe` can answer for one rank: the divisors of its batch."""
+    return [d for d in range(1, global_batch + 1) if global_batch % d == 0]
 
 
 def wave_points(lo: int, hi: int, k: int, must: list[int]) -> list[int]:
@@ -924,8 +1000,6 @@ def wave_points(lo: int, hi: int, k: int, must: list[int]) -> list[int]:
 def run_parallel(items, fn, parallel: int, weight=None, capacity: float = float("inf")) -> None:
     """fn(item) for each item, at most `parallel` at once and (with weight) the running items'
     weights within capacity (e.g. predicted GPU bytes within the device's memory)."""
-    import threading
-
     lock = threading.Condition()
     state = {"load": 0.0}
 
@@ -947,6 +1021,28 @@ def run_parallel(items, fn, parallel: int, weight=None, capacity: float = float(
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         for f in [pool.submit(one, it) for it in order]:
             f.result()
+
+
+def private_extensions_dir() -> Path:
+    """The rehearsal's DeepSpeed JIT ops (the CPU shared-memory collectives): torch keys its
+    extensions folder on the Python version alone, so two virtual environments on one host
+    rebuild the same op in turn, each waiting on the other's lock. One folder per interpreter
+    prefix instead, seeded from the shared one when that was built for this interpreter."""
+    import hashlib
+
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}_cpu"
+    mine = base / "ptlm-gpu-check" / "torch_extensions" / \
+        hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
+    shared = base / "torch_extensions" / tag
+    if not (mine / tag).exists() and shared.is_dir():
+        for op in shared.iterdir():
+            ninja = op / "build.ninja"
+            if ninja.exists() and sys.prefix in ninja.read_text(errors="replace") and \
+                    not (op / "lock").exists():
+                shutil.copytree(op, mine / tag / op.name, dirs_exist_ok=True)
+    mine.mkdir(parents=True, exist_ok=True)
+    return mine
 
 
 def read_metrics(out: Path) -> list[dict]:
@@ -979,7 +1075,13 @@ def _now() -> str:
 # ============================================================================== report
 
 def _gib(b) -> str:
-    return "–" if not b else f"{b / GiB:.2f} GiB"
+    if not b:
+        return "–"
+    return f"{b / GiB:.2f} GiB" if b >= GiB / 8 else f"{b / 2**20:.2f} MiB"
+
+
+def _num(x) -> str:
+    return "–" if x is None else f"{x:.1f}"
 
 
 def _pct(x) -> str:
@@ -989,6 +1091,8 @@ def _pct(x) -> str:
 def render_md(rec: dict) -> str:
     env = rec.get("environment", {})
     st = rec.get("stages", {})
+    model = Path(rec.get("models", {}).get("small", "opt-125m")).name
+    seq = rec.get("data", {}).get("seq_len", 1024)
     kind = "CPU REHEARSAL (tiny model, simulated cap: not GPU figures)" if rec["rehearsal"] \
         else "GPU check"
     lines = [f"# ptlm {kind}", "",
@@ -1008,7 +1112,9 @@ def render_md(rec: dict) -> str:
     h = st.get("headline", {})
     if h.get("plain_hf") or h.get("ptlm_run"):
         p, pr, pl = h.get("plain_hf", {}), h.get("ptlm_run", {}), h.get("ptlm_plan", {})
-        lines += ["", f"## 1. Headline: OPT-125M, seq 1024, global batch 16, cap "
+        outcome = (f"OUT OF MEMORY at the {p.get('phase')}" if p.get("oom") else
+                   f"ran {p.get('steps_done')} steps")
+        lines += ["", f"## 1. Headline: {model}, seq {seq}, global batch 16, cap "
                       f"{_gib(h.get('cap_bytes'))} ({h.get('emulates')})", "",
                   "| run | setting | predicted peak tensors / total | max allocated | "
                   "max reserved | outcome |", "|---|---|---|---|---|---|",
@@ -1016,8 +1122,7 @@ def render_md(rec: dict) -> str:
                   f"{_gib((p.get('predicted') or {}).get('peak_tensor_bytes'))} / "
                   f"{_gib((p.get('predicted') or {}).get('gpu_total'))} | "
                   f"{_gib(p.get('max_allocated'))} | {_gib(p.get('max_reserved'))} | "
-                  f"{'OUT OF MEMORY at the ' + str(p.get('phase')) if p.get('oom') else 'ran ' + str(p.get('steps_done')) + ' steps'}"
-                  f"{' (simulated)' if p.get('simulated') else ''} |",
+                  f"{outcome}{' (simulated)' if p.get('simulated') else ''} |",
                   f"| ptlm plan for --gpu T4 | {_setting_str(pl.get('setting'))} | "
                   f"{_gib((pl.get('predicted') or {}).get('peak_tensor_bytes'))} / "
                   f"{_gib((pl.get('predicted') or {}).get('gpu_total'))} | "
@@ -1031,10 +1136,11 @@ def render_md(rec: dict) -> str:
                   "| model | setting | predicted | max allocated | max reserved | error |",
                   "|---|---|---|---|---|---|"]
         for r in a["rows"]:
+            err = _pct(r["error"]) if isinstance(r.get("error"), float) else r.get("status", "–")
             lines.append(f"| {Path(r['model']).name} | {r['setting']} | "
                          f"{_gib((r.get('predicted') or {}).get('peak_tensor_bytes'))} | "
                          f"{_gib(r.get('max_allocated'))} | {_gib(r.get('max_reserved'))} | "
-                         f"{_pct(r['error']) if isinstance(r.get('error'), float) else r.get('status', '–')} |")
+                         f"{err} |")
         lines.append(f"\n{a.get('measured')} measured; worst |error| "
                      f"{_pct(a.get('worst_abs_error'))}, mean {_pct(a.get('mean_abs_error'))}")
     pb = st.get("probe", {})
@@ -1043,29 +1149,33 @@ def render_md(rec: dict) -> str:
         lines += ["", f"## 3. Probe under the cap ({_gib(pb.get('cap_bytes'))}): "
                       f"{pb.get('setting')}", "",
                   "| | largest micro-batch | seconds |", "|---|---|---|",
-                  f"| `ptlm probe` (global batch 16: tries its divisors) | "
-                  f"{pb['probe']['largest_micro_batch']} | {pb['probe'].get('search_seconds')} "
-                  f"search, {pb['probe'].get('process_seconds')} process |",
+                  f"| `ptlm probe` (global batch {pb.get('global_batch')}: tries its divisors) | "
+                  f"{pb['probe']['largest_micro_batch']} | "
+                  f"{_num(pb['probe'].get('search_seconds'))} search, "
+                  f"{_num(pb['probe'].get('process_seconds'))} process |",
                   f"| true largest (fresh capped process per micro-batch) | "
                   f"{t.get('largest_micro_batch') or ('≥' + str(t.get('at_least')))} "
                   f"(bounds {t.get('bounds')}) | {t.get('seconds')} |"]
     tp = st.get("throughput", {})
     if tp.get("ptlm"):
-        lines += ["", "## 4. Throughput: OPT-125M, seq 1024, global batch 16, same DeepSpeed config",
+        lines += ["", f"## 4. Throughput: {model}, seq {seq}, global batch 16, same DeepSpeed "
+                      "config",
                   f"ptlm setting: {_setting_str(tp.get('setting'))}", "",
                   "| trainer | tokens/s | MFU | max allocated |", "|---|---|---|---|"]
         for who, name in (("hf_trainer", "HF Trainer + DeepSpeed"), ("ptlm", "ptlm")):
             r = tp.get(who, {})
-            mfu = r.get("mfu")
-            lines.append(f"| {name} | {r.get('tokens_per_s', 0) or 0:,.0f} | "
-                         f"{'–' if mfu is None else f'{mfu:.1%}'} | {_gib(r.get('max_allocated'))} |")
+            mfu = "–" if r.get("mfu") is None else f"{r['mfu']:.1%}"
+            lines.append(f"| {name} | {r.get('tokens_per_s', 0) or 0:,.0f} | {mfu} | "
+                         f"{_gib(r.get('max_allocated'))} |")
         att = tp.get("attention", {})
         lines.append(f"\nAttention: `{att.get('attn_implementation')}`; kernels "
                      f"{att.get('gpu_kernels') or list((att.get('ops') or {}))[:6]}")
     b = st.get("backoff", {})
     if b.get("setting"):
-        lines += ["", f"## 5. OOM back-off under the cap: {b.get('setting')}", "",
-                  f"{b.get('oom')}; back-offs {[(x.get('micro_batch'), x.get('grad_accum')) for x in b.get('backoffs', [])]}"
+        backoffs = [(x.get("micro_batch"), x.get("grad_accum")) for x in b.get("backoffs", [])]
+        lines += ["", f"## 5. OOM back-off under the cap: {b.get('setting')}, global batch "
+                      f"{b.get('global_batch')}", "",
+                  f"{b.get('oom')}; back-offs {backoffs}"
                   f" (micro-batch, accumulation); {b.get('steps')} steps at micro-batch "
                   f"{b.get('micro_batches')}; verdict {b.get('verdict')}"]
     return "\n".join(lines) + "\n"
@@ -1126,8 +1236,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, help="wall-clock budget of the stages "
                                                    "(default 430 on a GPU, 600 rehearsing)")
     ap.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
+    ap.add_argument("--parallel-stages", action=argparse.BooleanOptionalAction, default=None,
+                    help="run the stages at once (default: only when rehearsing; never on a "
+                         "GPU whose timings you want)")
     args = ap.parse_args(argv)
     stages = [s for s in args.stages.split(",") if s]
+    if args.parallel_stages is None:
+        args.parallel_stages = args.rehearse
     unknown = set(stages) - set(STAGES)
     if unknown:
         ap.error(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
@@ -1137,7 +1252,10 @@ def main(argv: list[str] | None = None) -> int:
     site = None
     wheels_rec = None
     if args.wheels:
-        wheels_rec = install_wheels(args.wheels, work / "site")
+        try:
+            wheels_rec = install_wheels(args.wheels, work / "site")
+        except Exception as e:  # noqa: BLE001 - the stages then record what is missing
+            wheels_rec = {"error": f"{type(e).__name__}: {e}"}
         site = str(work / "site")
         sys.path.insert(0, site)
     sys.path.insert(0, str(ROOT))
@@ -1145,17 +1263,21 @@ def main(argv: list[str] | None = None) -> int:
     budget -= time.monotonic() - t_start  # the install counts
     sizes = rehearsal_sizes(budget, work) if args.rehearse else real_sizes(budget)
     check = Check(args.out, work, sizes, site)
+    check.record["models"] = {"small": sizes.small, "large": sizes.large}
     if wheels_rec:
         check.record["wheels"] = wheels_rec
+    prebuild = None
     try:
         check.setup_env()
+        if not sizes.rehearse:  # DeepSpeed's CPU Adam (offload rows): JIT-built once, meanwhile
+            prebuild = check.start_prebuild()
         from ptlm.plan.facts import KNOWN_GPUS
 
         if sizes.rehearse:  # just below the plain HF step's predicted peak: it "runs out"
             plain = dict(precision="fp32", zero=0, offload="none", checkpointing="off",
                          optimizer="adamw", chunked_loss="off")
-            p = check.predict(sizes.small, plain, 16, 16, "T4", keep_outputs=True)["gpu_total"]
-            check.cap = int(p * 0.98)
+            p = check.predict(sizes.small, plain, 16, 16, "T4", keep_outputs=True)
+            check.cap = p["gpu_total"] - int(0.05 * p["peak_tensor_bytes"])
         else:
             check.cap = KNOWN_GPUS["T4"].memory_bytes
         check.record["cap_bytes"] = check.cap
@@ -1166,9 +1288,14 @@ def main(argv: list[str] | None = None) -> int:
         import traceback
 
         check.record["setup_error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}"
-    for name in RUN_ORDER:
-        if name in stages:
+    order = [n for n in RUN_ORDER if n in stages]
+    if args.parallel_stages:  # rehearsal: no timing means anything on CPU, so overlap stages
+        run_parallel(order, lambda n: check.stage(n, getattr(check, n)), len(order))
+    else:
+        for name in order:
             check.stage(name, getattr(check, name))
+    if prebuild is not None:
+        check.finish_prebuild(prebuild)
     check.record["finished"] = _now()
     check.save()
     with tarfile.open(args.out / "gpu_check_logs.tar.gz", "w:gz") as tar:

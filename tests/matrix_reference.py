@@ -244,6 +244,16 @@ def reference_for(init: Path, data: Path, optimizer: str) -> list[float]:
     return _REFERENCES[key]
 
 
+def cpu_fp16_supported() -> bool:
+    """Whether DeepSpeed's CPU accelerator allows fp16 on this CPU (oneDNN fp16 kernels). Where
+    it does not, fp16 settings run with its capability check patched (tests/cpu_fp16): torch
+    computes fp16 on any CPU, and what the matrix checks is ptlm's fp16 path."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except Exception:
+        return False
+
+
 def _launch(init: Path, data: Path, out: Path, s: MatrixSetting, env: dict | None = None):
     """Both ranks started directly (RANK/WORLD_SIZE/MASTER_* as torchrun sets them): the same
     processes the deepspeed launcher starts, without its two extra interpreters."""
@@ -257,7 +267,11 @@ def _launch(init: Path, data: Path, out: Path, s: MatrixSetting, env: dict | Non
     args = ["launch/train.py", "--model", str(init), "--data", str(data), "--out", str(out),
             "--lr", "3e-3", "--seed", "0", "--max-steps", str(STEPS),
             "--save-every", str(SAVE_EVERY), *s.flags()]
-    base = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu",
+    path = str(ROOT)
+    if s.precision == "fp16" and not cpu_fp16_supported():  # see tests/cpu_fp16/sitecustomize.py
+        path = os.pathsep.join([str(ROOT / "tests" / "cpu_fp16"), path])
+        env = {**(env or {}), "PTLM_TEST_CPU_FP16": "1"}
+    base = {**os.environ, "PYTHONPATH": path, "DS_ACCELERATOR": "cpu",
             "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(RANKS),
             "LOCAL_WORLD_SIZE": str(RANKS), **(env or {})}
@@ -300,6 +314,8 @@ def run_setting(s: MatrixSetting, init: Path, data: Path, out: Path) -> dict:
 
     t0 = time.perf_counter()
     row = {"setting": s.name(), "steps": STEPS, "tolerance": s.tolerance()}
+    if s.precision == "fp16" and not cpu_fp16_supported():
+        row["note"] = "DeepSpeed's fp16 check patched (tests/cpu_fp16)"
     killed = _launch(init, data, out, s, env={"PTLM_FAULT_KILL_AFTER_STEP": str(KILL_AFTER)})
     if killed.returncode == 0 or not (out / "metrics.jsonl").exists():
         return {**row, "error": "the killed run did not die after step "

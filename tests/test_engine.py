@@ -13,10 +13,11 @@ import time
 import pytest
 import torch
 
+from ptlm.errors import PtlmError
 from ptlm.plan import probe_cache
 from ptlm.run.distributed import free_port
 from tests.conftest import ROOT
-from tests.test_trainer import losses, records, tiny_model, train
+from tests.test_trainer import losses, tiny_model, train
 
 PADDED_VOCAB = 1032  # the demo data's tokenizer has 1024 ids: a padded table, as OPT's 50,272
 
@@ -57,6 +58,13 @@ def _plan_on_rank(rank: int, port: int, data: str, out: str, model: str, tmp: st
                                   offload=None, checkpointing=None, optimizer=None,
                                   chunked_loss=None, micro_batch=None)
         probed = probe_cmd.probe_plan(args, source, 64, 2, False)
+
+        def fail():
+            assert rank == 0, "only rank 0 decides"
+            raise PtlmError("no plan fits")
+
+        with pytest.raises(PtlmError, match="no plan fits"):  # on every rank: none waits forever
+            runsetup.rank0_plan(fail)
     finally:
         torch.distributed.destroy_process_group()
     with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
@@ -138,9 +146,8 @@ def test_zero3_decays_the_matrices_as_zero0_does(tmp_path, demo_dataset, weights
     z3, z0, nowd = exported(zero3_decay), exported(zero0), exported(nodecay)
     assert set(z3) == set(z0)
     assert losses(zero3_decay) == pytest.approx(losses(zero0), rel=1e-4)
-    gap = distance(nowd, z0)  # what weight decay moves in 12 steps
-    assert gap > 1e-4
-    assert distance(z3, z0) < gap / 100
+    assert distance(nowd, z0) > 1e-3  # what weight decay moves in 12 steps (6e-3 here)
+    assert distance(z3, z0) < 1e-4  # (8e-6 here; a ZeRO-3 run without decay on matrices: 3e-2)
 
 
 def test_zero3_keeps_a_padded_vocabulary(zero3_decay):

@@ -29,6 +29,51 @@ def _check(row):
     assert row["export_ok"], detail
 
 
+def _tiny_config():
+    from transformers import OPTConfig
+
+    return OPTConfig(vocab_size=1024, hidden_size=64, num_hidden_layers=2, ffn_dim=128,
+                     num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64)
+
+
+def _cpu_plan(monkeypatch, bf16=True, fp16=True, **forced):
+    from ptlm.plan.setting import Forced
+    from ptlm.run import setup as runsetup
+
+    monkeypatch.setattr(runsetup, "_accelerator_bf16", lambda: bf16)
+    monkeypatch.setattr(runsetup, "_accelerator_fp16", lambda: fp16)
+    return runsetup.plan_for("tiny", _tiny_config(), 64, 8, Forced(**forced), 2, on_gpu=False,
+                             use_probe_cache=False)
+
+
+def test_cpu_ranks_train_forced_bf16_and_default_to_fp32(monkeypatch):
+    """DeepSpeed's CPU accelerator trains bf16: a forced --precision bf16 is planned on CPU
+    ranks (it used to be refused: "cpu has no bf16"); fp32 stays the CPU default."""
+    assert _cpu_plan(monkeypatch, precision="bf16", zero=1).setting.precision == "bf16"
+    assert _cpu_plan(monkeypatch, precision="fp16", zero=1).setting.precision == "fp16"
+    default = _cpu_plan(monkeypatch).setting
+    assert (default.precision, default.zero, default.offload) == ("fp32", 0, "none")
+
+
+def test_cpu_hardware_says_bf16_as_the_accelerator_does(monkeypatch):
+    from deepspeed.accelerator import get_accelerator
+
+    from ptlm.run import setup as runsetup
+
+    if get_accelerator().device_name() != "cpu":
+        pytest.skip("DeepSpeed's accelerator here is not the CPU one")
+    assert runsetup.hardware(2).bf16 == get_accelerator().is_bf16_supported()
+
+
+def test_fp16_on_a_cpu_without_it_is_refused_clearly(monkeypatch):
+    from ptlm.errors import PtlmError
+
+    with pytest.raises(PtlmError, match="no fp16 on this CPU"):
+        _cpu_plan(monkeypatch, fp16=False, precision="fp16")
+    with pytest.raises(PtlmError, match="no bf16"):
+        _cpu_plan(monkeypatch, bf16=False, precision="bf16")
+
+
 def test_the_reference_is_the_documented_recipe(demo_dataset, init):
     """The reference sees the same blocks as ptlm's loader: the order is a pure function of
     (seed, epoch), global batch k takes blocks [k*G, (k+1)*G) of it."""

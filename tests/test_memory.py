@@ -116,11 +116,16 @@ def at(gpus: int) -> HardwareFacts:
 @pytest.mark.parametrize("gpus", [1, 2, 8])
 @pytest.mark.parametrize("offload", [False, True])
 def test_zero2_matches_deepspeed_estimator(model_alias, gpus, offload):
+    """With optimizer offload DeepSpeed's estimator leaves out the device buffer gradients are
+    staged through on their way to the host (largest parameter x 2 bytes, kept for the run:
+    stage_1_and_2.py temp_grad_buffer_for_gpu_offload; measured by bench/bench_zero_memory.py);
+    we add it back before comparing."""
     model = model_facts(model_alias)
     setting = Setting(precision="fp16", zero=2, offload="optimizer" if offload else "none")
     mem = estimate(model, at(gpus), Job(1024), setting)
     cpu, gpu = ds_zero2(model.parameters, gpus, offload)
-    assert mem.model_states == pytest.approx(gpu, rel=0.05)
+    staging = 2 * model.largest_layer_params if offload else 0
+    assert mem.model_states == pytest.approx(gpu + staging, rel=0.05)
     # DeepSpeed's host figure assumes every rank loads the model in fp32; ptlm loads it in the
     # training dtype, so compare the host side where that matches: fp32 training.
     host = estimate(model, at(gpus), Job(1024), setting.with_(precision="fp32")).host_model_states
@@ -144,8 +149,18 @@ def test_zero3_matches_deepspeed_estimator(model_alias, gpus, offload):
     cpu, gpu = ds_zero3(psi, model.largest_layer_params, gpus, offload != "none",
                         offload == "parameters")
     grad_partition = 2 * psi // gpus
-    assert mem.model_states == pytest.approx(gpu + (grad_partition if offload == "none" else 0),
-                                             rel=0.05)
+    # DeepSpeed's estimator also counts the gathered layer's 16-bit grads (its 4 bytes x largest
+    # layer = params + grads); they exist only while the backward runs, so ptlm counts them in
+    # layer_backward, not in the model states (measured: bench/bench_zero_memory.py).
+    gathered_grads = 2 * model.largest_layer_params
+    # ...and leaves out what ptlm's working set adds to the largest layer: the prefetch bucket
+    # and the small unpartitioned params (biases, norms).
+    setting = Setting(precision="fp16", zero=3, offload=offload)
+    prefetch = memory.ds_buffers(model, at(gpus), setting).prefetch_bucket_size
+    working_extra = 2 * (prefetch + model.vector_params)
+    assert mem.model_states == pytest.approx(
+        gpu - gathered_grads + working_extra + (grad_partition if offload == "none" else 0),
+        rel=0.05)
     if offload != "none":
         assert mem.host_model_states == pytest.approx(cpu + 1.5 * gpus * grad_partition, rel=0.05)
 
@@ -258,5 +273,7 @@ def test_gradients_held_through_the_forward_only_when_accumulating():
     accumulating = estimate(OPT125, H100, Job(1024, global_batch=32), setting)
     assert not once.grads_persist and accumulating.grads_persist
     assert accumulating.forward_backward_peak - once.forward_backward_peak == once.gradients
-    # ZeRO-2 keeps its gradient partition buffer allocated between steps
-    assert estimate(OPT125, at(2), Job(1024, 32), setting.with_(zero=2)).grads_persist
+    # ZeRO-3 keeps its gradient partition buffer allocated between steps; DeepSpeed 0.19.8's
+    # ZeRO-2 drops its own at the end of each backward (measured: bench/bench_zero_memory.py)
+    assert estimate(OPT125, at(2), Job(1024, 32), setting.with_(zero=3)).grads_persist
+    assert not estimate(OPT125, at(2), Job(1024, 32), setting.with_(zero=2)).grads_persist

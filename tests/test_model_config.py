@@ -45,7 +45,8 @@ def test_unknown_name_offline_fails_fast_after_the_cache(monkeypatch, hub_calls)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
     with pytest.raises(PtlmError, match=r"someone/unknown: not a local folder nor in the local "
-                                        r"Hugging Face cache, and the hub is off \(HF_HUB_OFFLINE\)"):
+                                        r"Hugging Face cache, and the hub is off "
+                                        r"\(HF_HUB_OFFLINE\)"):
         mc.resolve_config("someone/unknown")
     assert time.perf_counter() - t0 < 2
     assert hub_calls == [("someone/unknown", True)]  # the cache only

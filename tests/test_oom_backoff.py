@@ -8,15 +8,22 @@ from __future__ import annotations
 import pytest
 
 from ptlm.run import faults
-from tests.test_trainer import losses, records, tiny_model, train
+from tests import matrix_reference as mx
+from tests.test_trainer import losses, records
+from tests.test_trainer import train as train_run
 
 COMMON = ["--global-batch", 8, "--max-steps", 6, "--no-export"]
 OOM_AT = "3:2:backward"  # optimizer step 3, second micro-step, mid-backward
 
 
+def train(*args, **kw):
+    return train_run(*args, scratch=False, **kw)
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    return tiny_model(tmp_path_factory.mktemp("oom_model") / "opt")
+    """Saved weights (ZeRO-3 builds a --from-scratch model partitioned, with other random draws)."""
+    return mx.make_init(tmp_path_factory.mktemp("oom_model") / "opt")
 
 
 @pytest.fixture(scope="module")

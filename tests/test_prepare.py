@@ -230,6 +230,28 @@ def test_stale_temporaries_of_killed_runs_are_removed_and_named(tmp_path, demo_t
     assert f"{alive} belongs to a running process" in caplog.text
 
 
+def test_dataset_moved_aside_by_a_killed_overwrite_is_restored(tmp_path, demo_tokenizer, caplog):
+    prepare(cfg(tmp_path, tokenizer=str(demo_tokenizer)))
+    before = (tmp_path / "out" / "manifest.json").read_bytes()
+    old = tmp_path / f".out.old-{dead_pid()}"
+    os.replace(tmp_path / "out", old)  # killed between _commit's two renames
+    with caplog.at_level("WARNING", logger="ptlm.data.prepare"):
+        with pytest.raises(PtlmError, match="already exists; pass --overwrite"):
+            prepare(cfg(tmp_path, tokenizer=str(demo_tokenizer)))
+    assert (tmp_path / "out" / "manifest.json").read_bytes() == before and not old.exists()
+    assert f"restored {tmp_path / 'out'} from {old}" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_unreadable_source_is_not_called_an_output_error(tmp_path, demo_tokenizer):
+    import errno
+
+    e = OSError(errno.EACCES, "Permission denied", str(tmp_path / "corpus.jsonl"))
+    assert not prep._is_output_error(e, tmp_path / "out", tmp_path / ".out.tmp-1")
+    e = OSError(errno.EACCES, "Permission denied", str(tmp_path))  # mkdir of --out's parent
+    assert prep._is_output_error(e, tmp_path / "x" / "out", tmp_path / "x" / ".out.tmp-1")
+
+
 def test_read_only_out_is_one_line_error(tmp_path, demo_tokenizer, monkeypatch, capsys):
     import errno
     import pathlib

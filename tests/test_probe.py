@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from ptlm.errors import PtlmError
 from ptlm.plan import probe_cache
 from ptlm.plan.setting import Setting
 from ptlm.run.distributed import free_port
@@ -82,3 +83,27 @@ def test_probe_two_ranks_agree_and_training_uses_the_result(tmp_path, demo_datas
     assert r.returncode == 0, r.stderr[-3000:]
     plan = json.loads((out / "plan.json").read_text())
     assert plan["micro_batch"] == 4 and plan["grad_accum"] == 2 and plan["global_batch"] == 16
+
+
+def test_probe_with_data_builds_the_vocabulary_training_builds(tmp_path, demo_dataset):
+    """--from-scratch --data: the table is sized to the data's tokenizer as `ptlm train` sizes
+    it (not the config's own 1032 rows); seq_len comes from the data."""
+    import argparse
+
+    from tokenizers import Tokenizer
+    from transformers import AutoConfig
+
+    from ptlm.commands.probe import source_and_seq_len
+
+    model = tiny_model(tmp_path / "m")
+    config = AutoConfig.from_pretrained(model)
+    config.vocab_size = 1032
+    config.save_pretrained(model)
+    ids = Tokenizer.from_file(str(demo_dataset / "tokenizer" / "tokenizer.json")).get_vocab_size()
+    args = argparse.Namespace(model=str(model), from_scratch=True, data=str(demo_dataset),
+                              seq_len=None)
+    source, seq_len = source_and_seq_len(args)
+    assert (source.config.vocab_size, source.vocab, seq_len) == (ids, ids, 64) == (1024, 1024, 64)
+    args.seq_len = 128
+    with pytest.raises(PtlmError, match="blocks of 64 tokens"):
+        source_and_seq_len(args)

@@ -138,8 +138,8 @@ def test_every_bad_row_is_reported_in_one_pass(tmp_path):
         docs([f])
     msg = str(e.value)
     assert msg.startswith("4 row(s) without usable text")
-    for line, what in ((4, "no field 'text'"), (11, "not valid JSON"), (21, "field 'text' is int, not text"),
-                       (41, "expected a JSON object")):
+    for line, what in ((4, "no field 'text'"), (11, "not valid JSON"),
+                       (21, "field 'text' is int, not text"), (41, "expected a JSON object")):
         assert f"a.jsonl:{line}: {what}" in msg
     assert "--skip-bad-rows" in msg and "--text-field" not in msg  # 46 rows have the field
     stats = SourceStats()

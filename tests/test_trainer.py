@@ -245,11 +245,14 @@ def test_tokenizer_mismatch_fails(tmp_path, demo_dataset, shared_gpt2_tokenizer)
                              tokenizer=str(demo_dataset / "tokenizer")), PackedDataset(demo_dataset))
 
 
-def test_pretrained_model_with_a_smaller_vocab_is_resized(tmp_path, demo_dataset):
+def test_pretrained_model_with_a_smaller_vocab_is_refused_or_resized_when_allowed(tmp_path,
+                                                                                 demo_dataset):
+    """A 500-row model on 1024-token data: refused before step 1 (check_tokenizer); with
+    --allow-new-tokenizer the embeddings are resized (tests/test_reliability.py has the rest)."""
     from transformers import OPTConfig, OPTForCausalLM
 
     from ptlm.data.reader import PackedDataset
-    from ptlm.run.setup import build_model, checked_config
+    from ptlm.run.setup import build_model, check_tokenizer, checked_config
 
     small = tmp_path / "small"
     OPTForCausalLM(OPTConfig(vocab_size=500, hidden_size=32, num_hidden_layers=1, ffn_dim=64,
@@ -258,6 +261,10 @@ def test_pretrained_model_with_a_smaller_vocab_is_resized(tmp_path, demo_dataset
     cfg = make_cfg(demo_dataset, tmp_path / "o", small)
     cfg.what.from_scratch = False
     data = PackedDataset(demo_dataset)
+    with pytest.raises(PtlmError, match="1,024 tokens, the model .* has 500 embedding rows"):
+        check_tokenizer(cfg, data)
+    cfg.what.allow_new_tokenizer = True
+    check_tokenizer(cfg, data)
     model = build_model(cfg, checked_config(cfg, data), data, "fp32")
     assert model.get_input_embeddings().weight.shape[0] >= 1024
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ptlm.data import PackedDataset
+from ptlm.errors import PtlmError
 from ptlm.run.evaluate import evaluate_blocks, evaluate_text, model_forward
 
 
@@ -31,25 +32,65 @@ def run(args) -> int:
     from ptlm.model.config import max_positions
     from ptlm.model.load import load_model
 
+    for flag, value in (("--stride", args.stride), ("--micro-batch", args.micro_batch),
+                        ("--max-blocks", args.max_blocks), ("--max-length", args.max_length)):
+        if value is not None and value < 1:
+            raise PtlmError(f"{flag} {value}: must be >= 1")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, precision=args.precision).to(device).eval()
+    positions = max_positions(model.config)
     if args.data:
         dataset = PackedDataset(args.data, args.split)
+        _check_data_tokenizer(args.model, model, dataset)
+        if positions is not None and dataset.seq_len > positions:
+            raise PtlmError(f"{args.data} has blocks of {dataset.seq_len} tokens, above the "
+                            f"{positions} positions of {args.model}")
         res = evaluate_blocks(model_forward(model), dataset, args.micro_batch, device=device,
                               max_blocks=args.max_blocks)
-        what = f"{args.data} [{args.split}], {len(dataset)} blocks of {dataset.seq_len}"
+        scored = f"{res.blocks} of {len(dataset)}" if res.blocks != len(dataset) else res.blocks
+        what = f"{args.data} [{args.split}], {scored} blocks of {dataset.seq_len}"
     else:
         from transformers import AutoTokenizer
 
+        if positions is not None and args.max_length is not None and args.max_length > positions:
+            raise PtlmError(f"--max-length {args.max_length} is above the {positions} positions "
+                            f"of {args.model}; give --max-length {positions} or less")
         tok = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-        text = "\n\n".join(p.read_text(encoding="utf-8") for p in args.text)
-        ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
-        max_length = args.max_length or max_positions(model.config) or 1024
-        res = evaluate_text(model, ids, max_length, min(args.stride, max_length))
-        what = f"{len(args.text)} text file(s), window {max_length}, stride {args.stride}"
+        try:
+            text = "\n\n".join(p.read_text(encoding="utf-8") for p in args.text)
+        except (OSError, UnicodeDecodeError) as e:
+            raise PtlmError(f"--text: cannot read {e}") from None
+        ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        if ids.numel() and int(ids.max()) >= model.get_input_embeddings().weight.shape[0]:
+            raise PtlmError(f"the tokenizer gives id {int(ids.max())}, above the "
+                            f"{model.get_input_embeddings().weight.shape[0]} embedding rows of "
+                            f"{args.model}: give the model's own tokenizer")
+        max_length = args.max_length or positions or 1024
+        stride = min(args.stride, max_length)
+        res = evaluate_text(model, ids, max_length, stride)
+        what = f"{len(args.text)} text file(s), window {max_length}, stride {stride}"
     if args.json:
         print(json.dumps({"model": args.model, "what": what, **res.to_dict()}))
     else:
         print(f"{args.model} on {what}: loss {res.loss:.4f}, perplexity {res.ppl:.2f} "
               f"({res.tokens:,} predicted tokens)")
     return 0
+
+
+def _check_data_tokenizer(spec: str, model, dataset: PackedDataset) -> None:
+    """The data must be in the model's token ids: its tokenizer fits the embedding table and,
+    when the model folder has its own tokenizer, is that tokenizer."""
+    from ptlm.run.setup import same_tokenizer
+
+    rows = model.get_input_embeddings().weight.shape[0]
+    if dataset.vocab_size > rows:
+        raise PtlmError(f"{dataset.root} was prepared with a tokenizer of {dataset.vocab_size:,} "
+                        f"tokens, {spec} has {rows:,} embedding rows: the data is not in this "
+                        "model's token ids. Prepare it with the model's tokenizer")
+    own = Path(spec) / "tokenizer.json"
+    data_tok = Path(dataset.tokenizer_path) / "tokenizer.json"
+    if own.is_file() and data_tok.is_file() and not same_tokenizer(own, data_tok):
+        raise PtlmError(f"{dataset.root} was prepared with another tokenizer "
+                        f"({dataset.manifest['tokenizer']['source']}) than {spec}'s own: the "
+                        "perplexity would mean nothing. Prepare the data with the model's "
+                        f"tokenizer (`ptlm prepare --tokenizer {spec} ...`)")

@@ -26,8 +26,8 @@ def run(args) -> int:
     print(f"{args.dir}")
     print(summary(manifest))
     if checked["max_id"] is not None:
-        print(f"checked ({shards.DATA_CHECK_ENV}={checked['mode']}): "
-              f"{'sha256 of every shard and ' if checked['mode'] == 'full' else ''}largest token id "
+        hashed = "sha256 of every shard and " if checked["mode"] == "full" else ""
+        print(f"checked ({shards.DATA_CHECK_ENV}={checked['mode']}): {hashed}largest token id "
               f"{checked['max_id']} < vocabulary {manifest['tokenizer']['vocab_size']}")
     for split, block in blocks.items():
         print(f"\n--- first {split} block, decoded ---")

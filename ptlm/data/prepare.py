@@ -275,9 +275,11 @@ def _pid_alive(pid: int) -> bool:
 def clean_stale_temporaries(out: Path) -> list[Path]:
     """Remove the `.OUT.tmp-PID` / `.OUT.old-PID` folders that killed runs of `ptlm prepare
     --out OUT` left next to OUT (their process is gone); name each one in a warning. A folder of
-    a process still running (a concurrent prepare) is left alone, and said so. Returns the
-    removed folders. (PIDs are of this host: on a folder shared by several hosts, a live prepare
-    elsewhere may look dead here; do not prepare the same --out from two hosts at once.)"""
+    a process still running (a concurrent prepare) is left alone, and said so. An `.old-PID` when
+    OUT is missing is the previous dataset of a run killed inside _commit: it is put back as OUT,
+    not removed. Returns the removed folders. (PIDs are of this host: on a folder shared by
+    several hosts, a live prepare elsewhere may look dead here; do not prepare the same --out from
+    two hosts at once.)"""
     pattern = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-(\d+)$")
     removed = []
     if not out.parent.is_dir():
@@ -290,6 +292,11 @@ def clean_stale_temporaries(out: Path) -> list[Path]:
         if pid != os.getpid() and _pid_alive(pid):
             log.warning("%s belongs to a running process (pid %d), maybe another `ptlm prepare` "
                         "of the same --out; leaving it", entry, pid)
+            continue
+        if m.group(1) == "old" and not out.exists() and (entry / shards.MANIFEST).exists():
+            os.replace(entry, out)
+            log.warning("restored %s from %s: an interrupted `ptlm prepare --overwrite` (pid %d) "
+                        "had moved it aside", out, entry, pid)
             continue
         size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
         shutil.rmtree(entry, ignore_errors=True)
@@ -318,6 +325,9 @@ def prepare(cfg: PrepareConfig) -> dict:
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         clean_stale_temporaries(out)
+        if out.exists() and not cfg.overwrite:  # put back just now from an interrupted run
+            raise PtlmError(f"{out} already exists; pass --overwrite to replace it, or choose "
+                            "another --out")
         tmp.mkdir(parents=True)
         try:
             manifest = _prepare_into(cfg, srcs, tmp)
@@ -325,10 +335,20 @@ def prepare(cfg: PrepareConfig) -> dict:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     except OSError as e:
-        if e.errno in _NO_WRITE:
+        if _is_output_error(e, out, tmp):
             raise _write_error(e, out) from None
         raise
     return manifest
+
+
+def _is_output_error(e: OSError, out: Path, tmp: Path) -> bool:
+    """A failure to write the output (not, say, an unreadable source)."""
+    if e.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+        return True
+    if e.errno not in _NO_WRITE or not e.filename:
+        return False
+    f = Path(os.fsdecode(e.filename)).resolve()
+    return any(f == p or f in p.parents or p in f.parents for p in (tmp, out))
 
 
 def _prepare_into(cfg: PrepareConfig, srcs, tmp: Path) -> dict:
@@ -413,6 +433,9 @@ def summary(manifest: dict) -> str:
              f"{manifest['tokenizer']['source']} ({manifest['tokenizer']['vocab_size']} ids, EOS "
              f"{manifest['eos_id']}), {manifest['documents']} documents, "
              f"{manifest['tokens']:,} tokens"]
+    if manifest.get("bad_rows_skipped"):
+        lines.append(f"  {manifest['bad_rows_skipped']:,} row(s) without usable text skipped "
+                     "(--skip-bad-rows)")
     for split, s in manifest["splits"].items():
         size = sum(sh["bytes"] for sh in s["shards"])
         lines.append(f"  {split:5s}: {s['documents']:>8,} docs {s['tokens']:>13,} tokens "

@@ -12,7 +12,15 @@ micro-batch, h hidden, f MLP width, V vocabulary, L layers. docs/planner.md deri
 
 Calibration (tests/test_memory.py, docs/planner.md): the plain-HF OPT-125M peaks measured with
 FakeTensorMode + MemTracker (docs/reference-figures.md) and ptlm.memtrace's
-measurements of ptlm's own step are reproduced within 10% (most within 5%).
+measurements of ptlm's own step are reproduced within 10% (most within 5%). The ZeRO stages and
+offloads are checked against the real DeepSpeed 0.19.8 engine on 2 CPU ranks, every live tensor
+byte counted from the allocator (bench/bench_zero_memory.py, tests/test_memory_zero.py,
+docs/benchmarks.md): which buffers persist, which live only in the backward or the step, follows
+those measurements and the DeepSpeed lines cited below.
+
+Which device: `hw.device_type` ("cuda" by default, what plans are for; "cpu" for DeepSpeed's CPU
+accelerator). A few tensors differ between the two (DROPOUT_MASK_BYTES,
+CHUNK_LOSS_MIXED_ADD_FP32_COPIES); every figure is for the device the HardwareFacts name.
 """
 
 from __future__ import annotations
@@ -80,9 +88,11 @@ ROPE_SAVED_TENSORS_PER_QK = 1
 FFN_SAVED_TENSORS = {"relu": 1, "gelu_new": 5, "gelu_fast": 5, "quick_gelu": 3}
 FFN_SAVED_TENSORS_DEFAULT = 2
 GATED_FFN_SAVED_TENSORS = 4
-# Dropout on the two residual branches saves a bool mask each on CUDA (1 byte per element).
-# (On CPU torch saves the mask in the input dtype, so CPU FakeTensor traces count 4 bytes.)
-DROPOUT_MASK_BYTES = 1
+# Dropout on the two residual branches saves a mask each. On CUDA it is bool (1 byte per
+# element: aten native_dropout's CUDA kernel); on CPU torch builds the mask with bernoulli_ on a
+# tensor like the input and saves it in the input's dtype (measured, bench/bench_zero_memory.py):
+# `hw.device_type` picks which (DROPOUT_MASK_BYTES by device; None = the activation dtype's size).
+DROPOUT_MASK_BYTES = {"cuda": 1, "cpu": None}
 DROPOUTS_PER_LAYER = 2
 # transformers' RMSNorm upcasts to fp32, adding one fp32 tensor of width h per layer in 16-bit.
 RMSNORM_FP32_TENSORS_PER_LAYER = 1
@@ -115,6 +125,10 @@ HELD_OUTPUT_LOGITS_COPIES = 1
 CHUNK_LOSS_FP32_COPIES = 1
 CHUNK_LOSS_HALF_COPIES = 1
 CHUNK_LOSS_HEAD_GRAD_FP32_BYTES = 4
+# ...and on CPU one more fp32 (V x h): `grads.weight.add_(dlogits.T @ h)` adds a 16-bit tensor into
+# an fp32 one; CPU's TensorIterator first casts the 16-bit operand to an fp32 temporary (CUDA
+# kernels cast element by element). Measured: bench/bench_zero_memory.py, docs/benchmarks.md.
+CHUNK_LOSS_MIXED_ADD_FP32_COPIES = {"cuda": 0, "cpu": 1}
 # Rows per chunk = this many bytes of fp32 logits (must equal ptlm.loss.LOGITS_CHUNK_BYTES; a test
 # checks it): 667 rows for a 50k vocabulary.
 LOSS_LOGITS_CHUNK_BYTES = 128 * 2**20
@@ -127,7 +141,11 @@ DS_DEFAULT_BUCKET_ELEMENTS = int(5e8)  # DeepSpeed's reduce/allgather_bucket_siz
 # is ~1 GB in 16-bit: too much on a 16 GB card), and never below h² (HF Trainer's "auto").
 BUCKET_MEMORY_FRACTION = 0.01
 # ZeRO-1/2 keep reduce_bucket_size-element gradient buffers: 2 with overlap_comm (we enable it
-# for stage 2 and 3, like HF's templates), 1 without.
+# for stage 2 and 3, like HF's templates), 1 without. They exist only while the backward runs:
+# DeepSpeed 0.19.8 allocates them at the first gradient of each backward (setup_buckets,
+# runtime/zero/stage_1_and_2.py:3256-3280) and drops them in the backward's epilogue
+# (_release_ipg_buffers, stage_1_and_2.py:924-931, called at :1061). ZeRO-3 allocates its one
+# bucket once, at initialization, and keeps it (runtime/zero/stage3.py:779-784).
 IPG_BUFFERS_OVERLAP = 2
 # ZeRO-3 prefetch bucket and parameter persistence threshold as HF Trainer's "auto" sets them.
 ZERO3_PREFETCH_PER_HIDDEN_SQ = 0.9
@@ -224,10 +242,16 @@ class MemoryBreakdown:
     cuda_context: int
     host_model_states: int  # per node: max(model load, offloaded states) × buffer factor
     host_overhead: int  # per node: the training processes themselves
-    # Gradients live through the forward: ZeRO-2/3 keep persistent partition buffers, and
+    # Gradients live through the forward: ZeRO-3 keeps a persistent gradient partition buffer, and
     # accumulation keeps param.grad between micro-steps. Otherwise DeepSpeed sets them to None
     # after each step and they grow during the backward while the activations shrink.
     grads_persist: bool = True
+    # DeepSpeed's gradient buckets live through the whole step (ZeRO-3) or only while the
+    # backward runs (ZeRO-1/2; see IPG_BUFFERS_OVERLAP).
+    ds_buffers_persist: bool = True
+    # At the end of the backward, beyond what persists: the gradients not yet counted, the
+    # backward-only buckets and the transients of that moment (see _backward_end).
+    backward_end: int = 0
 
     @property
     def model_states(self) -> int:
@@ -236,17 +260,24 @@ class MemoryBreakdown:
 
     @property
     def forward_backward_peak(self) -> int:
-        """At the loss / in the first layers' backward. Later, gradients grow while activations
-        are freed; the end of that trajectory (all gradients, no activations) is within the step
-        peak, so the two peaks bound the step."""
-        persistent = self.parameters + self.optimizer_states + self.ds_buffers
+        """The larger of two moments. Early: at the loss / in the first layers' backward, with
+        every activation stored. Late: the end of the backward (no activations left), where the
+        gradients are complete, DeepSpeed's buckets are full and it reduces them, and the tied
+        embedding's two gradients are summed (`backward_end`)."""
+        persistent = self.parameters + self.optimizer_states + self._persistent_buffers
         if self.grads_persist:
             persistent += self.gradients
-        return persistent + self.activations + max(self.loss, self.layer_backward)
+        in_backward = self.layer_backward + (self.ds_buffers - self._persistent_buffers)
+        early = persistent + self.activations + max(self.loss, in_backward)
+        return max(early, persistent + self.backward_end)
 
     @property
     def step_peak(self) -> int:
-        return self.model_states + self.flatten_copies + self.ds_buffers
+        return self.model_states + self.flatten_copies + self._persistent_buffers
+
+    @property
+    def _persistent_buffers(self) -> int:
+        return self.ds_buffers if self.ds_buffers_persist else 0
 
     @property
     def peak_tensor_bytes(self) -> int:
@@ -282,7 +313,8 @@ class MemoryBreakdown:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MemoryBreakdown":
-        return cls(**{f.name: d[f.name] for f in fields(cls)})
+        # fields added later have defaults, so plans saved before them still load
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
 def usable_gpu_bytes(hw: HardwareFacts) -> int:
@@ -300,19 +332,27 @@ def estimate(model: ModelFacts, hw: HardwareFacts, job: Job, setting: Setting) -
     states = _model_states(model, setting, world, buffers)
     tokens = setting.micro_batch * job.seq_len
     host_states = _host_model_states(model, setting, world, hw.gpus_per_node or 1)
-    grads_persist = setting.zero >= 2 or accumulates(job, world, setting.micro_batch)
+    # ZeRO-3's gradient partition buffer is allocated once (stage3.py:791-795) and kept (on the
+    # host with optimizer offload). ZeRO-2's (grads_in_partition) is made during the backward
+    # (stage_1_and_2.py:2184-2195) and dropped with the buckets (:930); the step frees the
+    # partition it was flattened into (averaged_gradients = None, :3131).
+    # With optimizer offload at ZeRO-2 `gradients` is the kept device staging buffer.
+    grads_persist = (setting.zero == 3 or (setting.zero == 2 and setting.offload != "none")
+                     or accumulates(job, world, setting.micro_batch))
     return MemoryBreakdown(
         parameters=states.parameters, gradients=states.gradients,
         optimizer_states=states.optimizer_states,
         ds_buffers=_ds_buffer_bytes(setting, buffers),
-        activations=_stored_activations(model, setting, tokens),
-        loss=_loss_bytes(model, setting, job, tokens),
-        layer_backward=_layer_backward(model, setting, tokens, grads_persist),
+        activations=_stored_activations(model, setting, tokens, hw.device_type),
+        loss=_loss_bytes(model, setting, job, tokens, hw.device_type),
+        layer_backward=_layer_backward(model, setting, tokens, grads_persist, hw.device_type)
+        + states.backward_grads,
         fp32_grads=states.fp32_grads, flatten_copies=states.flatten_copies,
         cuda_context=gpu_fixed_bytes(hw),
         host_model_states=host_states,
         host_overhead=(hw.gpus_per_node or 1) * HOST_PROCESS_BYTES,
-        grads_persist=grads_persist)
+        grads_persist=grads_persist, ds_buffers_persist=setting.zero == 3,
+        backward_end=_backward_end(model, setting, world, buffers, states, grads_persist))
 
 
 def accumulates(job: Job, world: int, micro_batch: int) -> bool:
@@ -327,6 +367,7 @@ class _States:
     optimizer_states: int
     fp32_grads: int = 0
     flatten_copies: int = 0
+    backward_grads: int = 0  # only while the backward runs
 
 
 def _optimizer_bytes_per_param(model: ModelFacts, setting: Setting, flat: bool) -> float:
@@ -354,7 +395,10 @@ def _model_states(model: ModelFacts, s: Setting, world: int, buffers: DsBuffers)
     params = psi * w
     grads = psi * w // world if (s.zero == 2 and not offloaded) else psi * w
     if s.zero == 2 and offloaded:
-        grads = 0  # reduced straight into pinned host buffers
+        # Reduced into host buffers through one device buffer of the largest parameter's size,
+        # kept for the run (temp_grad_buffer_for_gpu_offload, stage_1_and_2.py:659, measured).
+        # ZeRO-1 reduces only after the backward, so it keeps full 16-bit grads until then.
+        grads = w * model.largest_layer_params
     if offloaded:  # the optimizer steps on the host
         return _States(params, grads, optimizer)
     fp32_grads = FP32_GRAD_BYTES * psi // shard if wrapped else 0
@@ -373,12 +417,58 @@ def _zero3_states(model: ModelFacts, s: Setting, world: int, buffers: DsBuffers,
     # that stay unpartitioned (below the persistence threshold: biases, norms).
     working = w * (buffers.max_live_parameters + model.vector_params)
     params = working + (0 if s.offload == "parameters" else psi * w // world)
-    # The gathered layer's 16-bit grads before reduce-scatter, plus (no offload) the 16-bit grad
-    # partition (stage3.py grad_partitions_flat_buffer) and the fp32 sub-group grad buffer.
-    grads = w * model.largest_layer_params
-    if s.offload == "none":
-        grads += psi * w // world + FP32_GRAD_BYTES * min(psi // world, buffers.sub_group_size)
-    return _States(params, grads, optimizer)
+    # Kept: the 16-bit grad partition (grad_partitions_flat_buffer, stage3.py:791; on the host
+    # with optimizer offload). In the backward only: the gathered layer's 16-bit grads before
+    # their reduce-scatter. In the step only: the fp32 grad of one sub-group (stage3.py:1338).
+    if s.offload != "none":
+        return _States(params, 0, optimizer, backward_grads=w * model.largest_layer_params)
+    return _States(params, psi * w // world, optimizer,
+                   fp32_grads=FP32_GRAD_BYTES * min(psi // world, buffers.sub_group_size),
+                   backward_grads=w * model.largest_layer_params)
+
+
+def _backward_end(model: ModelFacts, s: Setting, world: int, buffers: DsBuffers, states: _States,
+                  grads_persist: bool) -> int:
+    """Bytes at the end of the backward beyond params, optimizer states and what persists.
+
+    Measured on the real engine (bench/bench_zero_memory.py; docs/benchmarks.md, full-loss rows):
+    - the gradients: ZeRO-0/1 keep every param.grad until the step / the epilogue's reduction;
+      ZeRO-2 fills its partition (grads_in_partition) as buckets are reduced; ZeRO-3's partition
+      persists (counted already); with offload the device keeps only the staging buffer;
+    - ZeRO-1/2's buckets (backward-only, IPG_BUFFERS_OVERLAP);
+    - a transient, the larger of:
+      * the tied embedding: autograd holds the LM head's grad from the first op of the backward
+        and adds the embedding's own dense grad to it at the very end: two (V x h) 16-bit grads
+        plus their sum, which at ZeRO-2/3 is copied into a bucket (at ZeRO-0/1 the sum is the
+        param.grad counted above). Untied, only ZeRO-2/3 copy the embedding grad.
+      * DeepSpeed's reduction of a full bucket: ZeRO-3 flattens it and reduce-scatters through a
+        second buffer of its size (stage3.py __avg_scatter_grads -> reduce_scatter_coalesced,
+        :2102-2118); with optimizer offload the second is an fp32 copy of the largest param's grad
+        on its way to the host. ZeRO-1/2 with offload: an fp32 tensor of all Ψ elements, made
+        during the backward on rank 0 only (seen with buckets of Ψ and of Ψ/2; its source in
+        stage_1_and_2.py was not pinned down; the plan is for the worst rank).
+    """
+    w = PRECISION_BYTES[s.precision]
+    psi, head = model.parameters, model.vocab * model.hidden
+    offloaded = s.offload != "none"
+    grads = 0
+    if not grads_persist:
+        grads = {0: psi * w, 1: psi * w, 2: psi * w // world}.get(s.zero, 0)
+    if offloaded and s.zero >= 2:
+        grads = 0
+    buckets = 0 if s.zero == 3 else _ds_buffer_bytes(s, buffers)
+    copied_sum = 1 if s.zero >= 2 else 0
+    tied = (2 if model.tied_embeddings else 0) * head * w + copied_sum * head * w
+    if offloaded and s.zero < 3:
+        tied -= copied_sum * head * w  # the summed grad goes straight to the host buffers
+    if s.zero == 3:
+        second = FP32_BYTES * model.largest_layer_params if offloaded else w * buffers.reduce_bucket_size
+        reduction = w * buffers.reduce_bucket_size + second
+    elif offloaded:
+        reduction = FP32_BYTES * psi
+    else:
+        reduction = 0
+    return grads + buckets + max(tied, reduction)
 
 
 def _host_model_states(model: ModelFacts, s: Setting, world: int, gpus_per_node: int) -> int:
@@ -413,7 +503,11 @@ def _activation_bytes(s: Setting) -> int:
     return PRECISION_BYTES[s.precision]
 
 
-def _layer_activations(model: ModelFacts, s: Setting) -> float:
+def _dropout_mask_bytes(s: Setting, device_type: str) -> int:
+    return DROPOUT_MASK_BYTES[device_type] or _activation_bytes(s)
+
+
+def _layer_activations(model: ModelFacts, s: Setting, device_type: str = "cuda") -> float:
     """Bytes one decoder layer saves for its backward, per token."""
     a, h = _activation_bytes(s), model.hidden
     kv = model.kv_heads / model.heads
@@ -426,18 +520,18 @@ def _layer_activations(model: ModelFacts, s: Setting) -> float:
         ffn_tensors = FFN_SAVED_TENSORS.get(model.hidden_act, FFN_SAVED_TENSORS_DEFAULT)
     per_token = a * (hidden_tensors * h + ffn_tensors * model.ffn)
     if model.residual_dropout > 0:
-        per_token += DROPOUTS_PER_LAYER * DROPOUT_MASK_BYTES * h
+        per_token += DROPOUTS_PER_LAYER * _dropout_mask_bytes(s, device_type) * h
     if model.rms_norm and a < FP32_BYTES:
         per_token += RMSNORM_FP32_TENSORS_PER_LAYER * FP32_BYTES * h
     return per_token
 
 
-def _stored_activations(model: ModelFacts, s: Setting, tokens: int) -> int:
+def _stored_activations(model: ModelFacts, s: Setting, tokens: int, device_type: str) -> int:
     a = _activation_bytes(s)
     if s.checkpointing:
         per_layer = CHECKPOINT_SAVED_TENSORS_PER_LAYER * a * model.hidden
     else:
-        per_layer = _layer_activations(model, s)
+        per_layer = _layer_activations(model, s, device_type)
     head = HEAD_SAVED_TENSORS * a * model.hidden
     return int(tokens * (model.layers * per_layer + head))
 
@@ -448,19 +542,20 @@ def loss_chunk_rows(model: ModelFacts, job: Job) -> int:
     return max(1, LOSS_LOGITS_CHUNK_BYTES // (FP32_BYTES * model.vocab))
 
 
-def _layer_backward(model: ModelFacts, s: Setting, tokens: int, grads_persist: bool) -> int:
+def _layer_backward(model: ModelFacts, s: Setting, tokens: int, grads_persist: bool,
+                    device_type: str) -> int:
     a, h = _activation_bytes(s), model.hidden
     per_token = a * (LAYER_GRAD_FFN_TENSORS * model.ffn + (LAYER_GRAD_HIDDEN_TENSORS
                                                            + RESIDUAL_GRAD_TENSORS) * h)
     if s.checkpointing:
-        per_token += _layer_activations(model, s)
+        per_token += _layer_activations(model, s, device_type)
     # The LM head's weight grad arrives first; with tied embeddings autograd holds it until the
     # embedding's own grad is added at the very end. Counted here unless all grads are counted.
     head_grad = 0 if grads_persist else model.vocab * h * PRECISION_BYTES[s.precision]
     return int(tokens * per_token) + head_grad
 
 
-def _loss_bytes(model: ModelFacts, s: Setting, job: Job, tokens: int) -> int:
+def _loss_bytes(model: ModelFacts, s: Setting, job: Job, tokens: int, device_type: str) -> int:
     a = _activation_bytes(s)
     if not s.chunked_loss:
         held = HELD_OUTPUT_LOGITS_COPIES * a if job.keep_outputs else 0
@@ -469,5 +564,6 @@ def _loss_bytes(model: ModelFacts, s: Setting, job: Job, tokens: int) -> int:
     rows = min(tokens, loss_chunk_rows(model, job))
     chunk = rows * model.vocab * (CHUNK_LOSS_FP32_COPIES * FP32_BYTES + half)
     head = model.vocab * model.hidden
-    head_grads = head * (CHUNK_LOSS_HEAD_GRAD_FP32_BYTES + half)
+    mixed_add = CHUNK_LOSS_MIXED_ADD_FP32_COPIES[device_type] * FP32_BYTES if half else 0
+    head_grads = head * (CHUNK_LOSS_HEAD_GRAD_FP32_BYTES + half + mixed_add)
     return chunk + head_grads + tokens * model.hidden * a

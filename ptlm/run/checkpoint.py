@@ -93,12 +93,17 @@ def save(engine, run_dir: Path, step: int, client_state: dict, dist: Dist,
     tag = tag_for(step)
     final = ckpt_dir / tag
     if (final / COMPLETE).exists():  # every rank sees the same (check_shared, barriers)
+        problem = damage(final)
+        if problem is None:
+            if dist.is_main:
+                log.info("checkpoint %s is already complete: kept as it is", tag)
+            return final
+        barrier()
         if dist.is_main:
-            log.info("checkpoint %s is already complete: kept as it is", tag)
-        return final
+            set_aside(final, problem)
     partial = ckpt_dir / f"{tag}{PARTIAL}"
     t0 = time.perf_counter()
-    if dist.is_main:  # leftovers of a killed save of this step
+    if dist.is_main:  # leftovers of a killed save of this step (no marker: never complete)
         for stale in (partial, final):
             if stale.exists():
                 shutil.rmtree(stale)
@@ -126,6 +131,18 @@ def save(engine, run_dir: Path, step: int, client_state: dict, dist: Dist,
         log.info("saved checkpoint %s in %.1f s", tag, time.perf_counter() - t0)
     barrier()
     return final
+
+
+def set_aside(path: Path, why: str) -> Path:
+    """Rename a damaged checkpoint to TAG.damaged[-N] (kept for a look, never chosen again)."""
+    dest = path.with_name(f"{path.name}.damaged")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = path.with_name(f"{path.name}.damaged-{n}")
+    path.rename(dest)
+    log.warning("checkpoint %s is damaged (%s): moved to %s", path, why, dest.name)
+    return dest
 
 
 def _fsync_dir(path: Path) -> None:

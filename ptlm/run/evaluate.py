@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from ptlm.data.reader import PackedDataset, eval_slice
+from ptlm.errors import PtlmError
 from ptlm.model.loss import IGNORE_INDEX, causal_lm_loss
 from ptlm.run.distributed import all_reduce_sum
 
@@ -27,14 +28,20 @@ class EvalResult:
     loss: float  # mean NLL per predicted token (nats)
     ppl: float
     tokens: int  # predictions scored
+    blocks: int | None = None  # blocks scored (evaluate_blocks)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def result(nll_sum: float, tokens: float) -> EvalResult:
-    loss = nll_sum / max(tokens, 1)
-    return EvalResult(loss=loss, ppl=math.exp(min(loss, 700.0)), tokens=int(tokens))
+def result(nll_sum: float, tokens: float, blocks: int | None = None) -> EvalResult:
+    """Zero scored tokens is an error, never a perfect perplexity of 1.00."""
+    if tokens < 1:
+        raise PtlmError("nothing was scored (0 predicted tokens): give more text or blocks, a "
+                        "window of at least 2 tokens and a stride of at least 1")
+    loss = nll_sum / tokens
+    return EvalResult(loss=loss, ppl=math.exp(min(loss, 700.0)), tokens=int(tokens),
+                      blocks=blocks)
 
 
 @torch.no_grad()
@@ -45,6 +52,10 @@ def evaluate_blocks(forward: ForwardFn, dataset: PackedDataset, micro_batch: int
     an extra forward on one rank would hang the others): short slices are topped up with a
     repeated block whose labels are all ignored."""
     n = len(dataset) if max_blocks is None else min(max_blocks, len(dataset))
+    if n < 1:
+        raise PtlmError(f"{dataset.root} [{dataset.split}]: no block to evaluate ("
+                        f"{len(dataset)} blocks, max_blocks {max_blocks}); give a split with "
+                        "blocks (prepare with a larger --val-fraction) or max blocks >= 1")
     mine = eval_slice(n, world_size, rank)
     longest = len(eval_slice(n, world_size, 0))  # rank 0's slice is never shorter
     nll, count = 0.0, 0.0
@@ -59,7 +70,7 @@ def evaluate_blocks(forward: ForwardFn, dataset: PackedDataset, micro_batch: int
         nll += float(loss_sum)
         count += float(n_tokens)
     nll, count = all_reduce_sum([nll, count], torch.device(device))
-    return result(nll, count)
+    return result(nll, count, blocks=n)
 
 
 @torch.no_grad()
@@ -70,6 +81,14 @@ def evaluate_text(model, token_ids: torch.Tensor, max_length: int, stride: int,
     with up to max_length - stride tokens of context before them."""
     device = next(model.parameters()).device
     total = token_ids.numel()
+    if stride < 1:
+        raise PtlmError(f"--stride {stride}: the window's step must be >= 1 token")
+    if max_length < 2:
+        raise PtlmError(f"--max-length {max_length}: a window needs >= 2 tokens (one to predict "
+                        "from, one to predict)")
+    if total < 2:
+        raise PtlmError(f"the text encodes to {total} token(s): nothing to predict (at least 2 "
+                        "tokens needed); give a non-empty text")
     nll, count, prev_end = 0.0, 0, 0
     for begin in range(0, total, stride):
         end = min(begin + max_length, total)

@@ -13,6 +13,15 @@ def generate(model, tok, prompt: str, max_new_tokens: int, sample: bool = False,
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
     if ids.numel() == 0:
         raise PtlmError("the prompt encodes to no token; give some text")
+    if max_new_tokens < 1:
+        raise PtlmError(f"--max-new-tokens {max_new_tokens}: must be >= 1")
+    from ptlm.model.config import max_positions
+
+    positions = max_positions(model.config)
+    if positions is not None and ids.shape[1] + max_new_tokens > positions:
+        raise PtlmError(f"the prompt ({ids.shape[1]} tokens) + --max-new-tokens {max_new_tokens} "
+                        f"is above the model's {positions} positions; give --max-new-tokens "
+                        f"{max(positions - ids.shape[1], 0)} or less, or a shorter prompt")
     kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else \
         dict(do_sample=False)
     with torch.no_grad():

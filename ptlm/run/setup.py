@@ -85,21 +85,81 @@ def _set_special_ids(config, data: PackedDataset) -> None:
 
 
 def check_tokenizer(cfg: RunConfig, data: PackedDataset) -> None:
-    """--tokenizer must be the one the data was made with (same tokenizer.json bytes)."""
-    if not cfg.what.tokenizer:
-        return
-    import hashlib
+    """Before step 1, the data's tokenizer against what the run was told and the model has:
+
+    - --tokenizer, when given, must be the tokenizer the data was made with;
+    - the model's own tokenizer (its folder's tokenizer.json) must be the data's: same token ids
+      for the same text. Another one is refused unless --allow-new-tokenizer;
+    - every id of the data must have a row in the model's embedding table (the data's tokenizer
+      size against the config's vocab_size). A smaller table is refused unless
+      --allow-new-tokenizer, which resizes it (new rows), with a warning.
+    --from-scratch sizes the table to the data's tokenizer: only --tokenizer is checked."""
     from pathlib import Path
 
-    path = Path(cfg.what.tokenizer) / "tokenizer.json"
-    if not path.exists():
-        raise PtlmError(f"--tokenizer {cfg.what.tokenizer}: no tokenizer.json there")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != data.manifest["tokenizer"]["sha256"]:
-        raise PtlmError(f"--tokenizer {cfg.what.tokenizer} is not the tokenizer {cfg.corpus.data} "
-                        "was "
-                        f"prepared with ({data.manifest['tokenizer']['source']}); use "
-                        f"{cfg.corpus.data / 'tokenizer'} or prepare the data again")
+    info = data.manifest["tokenizer"]
+    data_tok = Path(data.tokenizer_path) / "tokenizer.json"
+    if cfg.what.tokenizer:
+        path = Path(cfg.what.tokenizer) / "tokenizer.json"
+        if not path.exists():
+            raise PtlmError(f"--tokenizer {cfg.what.tokenizer}: no tokenizer.json there")
+        if _sha256(path) != info["sha256"]:
+            raise PtlmError(f"--tokenizer {cfg.what.tokenizer} is not the tokenizer "
+                            f"{cfg.corpus.data} was prepared with ({info['source']}); use "
+                            f"{cfg.corpus.data / 'tokenizer'} or prepare the data again")
+    if cfg.what.from_scratch:
+        return
+    allow = cfg.what.allow_new_tokenizer
+    problems = []
+    model_tok = Path(cfg.what.model) / "tokenizer.json"
+    if model_tok.is_file() and data_tok.is_file() and not same_tokenizer(model_tok, data_tok):
+        problems.append(f"the data {cfg.corpus.data} was prepared with another tokenizer "
+                        f"({info['source']}) than the model's own ({model_tok.parent})")
+    rows = getattr(resolve_config(cfg.what.model), "vocab_size", None)
+    if isinstance(rows, int) and data.vocab_size > rows:
+        problems.append(f"the data's tokenizer has {data.vocab_size:,} tokens, the model "
+                        f"{cfg.what.model} has {rows:,} embedding rows: ids {rows:,} and up have "
+                        "no row")
+    if not problems:
+        return
+    if not allow:
+        raise PtlmError("; ".join(problems) + ". Prepare the data with the model's tokenizer "
+                        f"(`ptlm prepare --tokenizer {cfg.what.model} ...`), or pass "
+                        "--allow-new-tokenizer to train on this one anyway (the embeddings are "
+                        "resized to it; what the model learnt about its old token ids is lost)")
+    resized = (f": its embedding table is resized from {rows:,} to {data.vocab_size:,}+ rows "
+               "(new rows start at the mean of the old ones)"
+               if isinstance(rows, int) and data.vocab_size > rows else "")
+    log.warning("%s", "--allow-new-tokenizer: " + "; ".join(problems)
+                + f". Training the model on this tokenizer anyway{resized}")
+
+
+def _sha256(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def same_tokenizer(a, b) -> bool:
+    """Whether two tokenizer.json files encode text to the same ids: the same bytes, or the same
+    model (vocabulary, merges), normalizer, pre-tokenizer and added tokens (files written by
+    other versions of `tokenizers` differ in formatting only)."""
+    from pathlib import Path
+
+    a, b = Path(a), Path(b)
+    if _sha256(a) == _sha256(b):
+        return True
+
+    def identity(path):
+        try:
+            j = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        added = sorted((t.get("id"), t.get("content")) for t in j.get("added_tokens") or [])
+        return json.dumps([j.get("model"), j.get("normalizer"), j.get("pre_tokenizer"), added],
+                          sort_keys=True)
+
+    ia = identity(a)
+    return ia is not None and ia == identity(b)
 
 
 def local_world_size(world_size: int) -> int:
@@ -136,6 +196,16 @@ def _accelerator_bf16() -> bool:
 
         return bool(get_accelerator().is_bf16_supported())
     except Exception:  # no DeepSpeed, or an accelerator that cannot say: fp32/fp16 only
+        return False
+
+
+def _accelerator_fp16() -> bool:
+    """Whether DeepSpeed's accelerator trains fp16 (it refuses fp16 where this is False)."""
+    try:
+        from deepspeed.accelerator import get_accelerator
+
+        return bool(get_accelerator().is_fp16_supported())
+    except Exception:
         return False
 
 
@@ -195,6 +265,10 @@ def plan_for(spec: str, config, seq_len: int, global_batch: int, forced: Forced,
         forced.setdefault("precision", "fp32")
         forced.setdefault("offload", "none")
         forced.setdefault("zero", 0)
+        if forced["precision"] == "fp16" and not _accelerator_fp16():
+            raise PtlmError("--precision fp16: DeepSpeed's CPU accelerator has no fp16 on this "
+                            "CPU (no oneDNN fp16 kernels, e.g. AVX512-FP16/AMX-FP16); use "
+                            "--precision bf16 or fp32 on CPU ranks")
     job = Job(seq_len=seq_len, global_batch=global_batch)
     facts = ModelFacts.from_config(config, name=spec)
     hw = hardware(world_size)

@@ -181,12 +181,11 @@ def _continue_schedule(run: Run) -> None:
                             "end")
         log.warning("learning rate: the run's schedule (set when it started) ends at step %d; "
                     "steps %d-%d go on at its floor lr %.3g instead of re-stretching it. To warm "
-                    "up again and decay to the new end, resume with --rewarm-steps N", last["total"],
-                    max(step, last["total"]) + 1, run.total_steps, lr * floor)
-    elif run.total_steps != last["total"] or want != s.schedule[0]:
-        log.warning("learning rate: going on with the schedule the run started with (%s, %d "
-                    "steps); changed schedule flags do not apply to a resumed run", last["kind"],
-                    last["total"])
+                    "up again and decay to the new end, resume with --rewarm-steps N",
+                    last["total"], max(step, last["total"]) + 1, run.total_steps, lr * floor)
+    elif run.total_steps != last["total"]:
+        log.warning("learning rate: going on with the schedule the run started with (%s to step "
+                    "%d); this run stops at step %d", last["kind"], last["total"], run.total_steps)
     s.schedule = segments
     fn = SegmentedSchedule(segments)
     sched = run.engine.lr_scheduler
@@ -320,6 +319,9 @@ def resume(run: Run) -> bool:
         for candidate in older:
             log.warning("checkpoint %s does not load (%s): falling back to %s", path, error,
                         candidate)
+            if run.dist.is_main:
+                checkpoint.set_aside(path, error)
+            barrier()
             path = candidate
             client, error = _load_agreed(run, path)
             if client is not None:
@@ -333,6 +335,10 @@ def resume(run: Run) -> bool:
     _resume_micro_batch(run, lambda engine: checkpoint.load(engine, path, run.dist,
                                                             universal=run.universal))
     _continue_schedule(run)
+    # Training mode, as the initial eval (skipped on resume) leaves it: from_pretrained returns
+    # the model in eval mode, so a resumed run of pretrained weights trained without dropout
+    # until its first eval, and its losses differed from the uninterrupted run's.
+    run.engine.train()
     if run.dist.is_main:
         _truncate_metrics(run.cfg.out / report.METRICS, run.state.step)
     log.info("resumed from %s%s at step %d (epoch %d, block %d of it)", path,
@@ -664,6 +670,8 @@ def finish(run: Run) -> dict:
         run_eval(run, "final")
         save(run)
     if run.cfg.ckpt.export:
+        if run.plan.setting.zero == 3:  # the last eval's prefetched gathers are still in flight
+            run.engine.empty_partition_cache()
         export_hf(run.model, run.cfg.out / EXPORT_DIR, run.val.tokenizer_path, run.dist,
                   run.plan.setting.zero)
     summary = {"run": run_facts(run), "epochs": s.epochs}

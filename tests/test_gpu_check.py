@@ -1,0 +1,148 @@
+"""bench/gpu_check.py, the one prepared GPU check.
+
+The CPU rehearsal (`--rehearse`: DeepSpeed's CPU accelerator, a tiny OPT, a simulated cap, an
+injected OOM) runs in the default suite so that the check cannot rot; the real check runs only
+with --run-gpu on a machine with a CUDA GPU and the check's wheels installed (bench/gpu_wheels.sh).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "gpu_check.py"
+
+
+def _module():
+    if "gpu_check" in sys.modules:
+        return sys.modules["gpu_check"]
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_rehearsal_runs_every_stage(tmp_path):
+    r = _run(["--rehearse", "--out", str(tmp_path)], timeout=900)
+    rec = json.loads((tmp_path / "gpu_check.json").read_text())
+    gc = _module()
+    assert rec["rehearsal"] is True
+    assert set(rec["stages"]) == set(gc.STAGES)
+    for name, stage in rec["stages"].items():
+        assert stage["status"] == "ok", (name, stage, r.stderr[-3000:])
+    assert r.returncode == 0, r.stderr[-3000:]
+    env = rec["environment"]
+    for key in ("torch", "transformers", "deepspeed", "bitsandbytes", "date", "driver"):
+        assert key in env
+
+    st = rec["stages"]
+    head = st["headline"]
+    assert head["plain_hf"]["oom"] is True and head["plain_hf"]["simulated"] is True
+    assert head["ptlm_run"]["steps"] == 20 and head["ptlm_run"]["backoffs"] == []
+    assert head["ptlm_plan"]["predicted"]["peak_tensor_bytes"] > 0
+
+    rows = st["accuracy"]["rows"]
+    assert rows and all(row["status"] == "ok" and row["predicted"]["peak_tensor_bytes"] > 0
+                        for row in rows)
+
+    probe = st["probe"]  # the rehearsal's simulated cap lies between micro-batch 4 and 5
+    found = probe["probe"]["largest_micro_batch"]
+    assert found >= 1 and probe["truth"]["largest_micro_batch"] == found
+    assert probe["truth"]["tried"][str(found)] is True
+
+    tp = st["throughput"]
+    assert tp["ptlm"]["tokens_per_s"] > 0 and tp["hf_trainer"]["tokens_per_s"] > 0
+    assert tp["attention"]["attn_implementation"]
+
+    back = st["backoff"]
+    assert back["verdict"] == {"halved": True, "global_batch_kept": True,
+                               "continued_to_the_end": True}
+    assert back["micro_batches"] == [8]
+
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "CPU REHEARSAL" in md and "| stage | status | seconds | note |" in md
+    for title in ("## 1. Headline", "## 2. Planner accuracy", "## 3. Probe", "## 4. Throughput",
+                  "## 5. OOM back-off"):
+        assert title in md
+    assert (tmp_path / "gpu_check_logs.tar.gz").stat().st_size > 0
+
+
+def test_a_failing_stage_is_recorded_and_the_others_run(tmp_path):
+    gc = _module()
+    sizes = gc.Sizes(rehearse=True, small="opt-125m", large="opt-1.3b", seq=8, vocab=10,
+                     train_blocks=1, headline_steps=1, throughput_steps=1, warmup_steps=0,
+                     backoff_steps=1, parallel=1, probe_global=2, truth_limit=2,
+                     budget_s=60,
+                     stage_min_s={"headline": 1, "probe": 10**6})
+    check = gc.Check(tmp_path / "out", tmp_path / "work", sizes, None)
+
+    def boom(rec):
+        raise RuntimeError("no luck")
+
+    check.stage("headline", boom)
+    check.stage("probe", boom)  # needs more budget than there is: skipped, never called
+    check.stage("backoff", lambda rec: rec.update(value=1))
+    st = json.loads((tmp_path / "out" / "gpu_check.json").read_text())["stages"]
+    assert st["headline"]["status"] == "error" and "no luck" in st["headline"]["error"]
+    assert st["probe"]["status"] == "skipped" and "budget" in st["probe"]["note"]
+    assert st["backoff"] == {"status": "ok", "value": 1, "seconds": st["backoff"]["seconds"]}
+    assert "| headline | error |" in (tmp_path / "out" / "gpu_check.md").read_text()
+
+
+def test_search_helpers():
+    gc = _module()
+    assert gc.wave_points(0, 33, 6, [8, 9]) == [5, 8, 9, 14, 19, 24]
+    assert gc.wave_points(9, 14, 6, []) == [10, 11, 12, 13]
+    assert gc.wave_points(4, 5, 2, [4, 5]) == []
+    text = 'DeepSpeed op built\n{"a": 1}\nnoise {"b": 2}\n{\n  "trials": {"4": {"fits": true}}\n}\n'
+    assert gc.last_json(text) == {"trials": {"4": {"fits": True}}}
+    assert gc.last_json("nothing") is None
+
+
+def test_carried_wheels_match_this_environment(tmp_path):
+    """bench/gpu_wheels.sh's folder (git-ignored; made on demand): the versions are the ones
+    installed and tested here, so gpu_check's installer finds each already present here."""
+    folder = ROOT / ".gpu_wheels"
+    if not any(folder.glob("*.whl")):
+        pytest.skip("no .gpu_wheels/ here: run bench/gpu_wheels.sh")
+    rec = _module().install_wheels(folder, tmp_path / "site")
+    names = {w.split("-")[0].lower() for w in list(rec["already_there"]) + rec["installed"]}
+    assert {"deepspeed", "bitsandbytes", "pydantic", "pydantic_core", "hjson"} <= names
+    assert rec["installed"] == []  # same versions as this venv: nothing to install here
+
+
+@pytest.mark.gpu
+def test_gpu_check_on_a_gpu(tmp_path):
+    """The real check (≤ 8 minutes on one GPU). Needs DeepSpeed and bitsandbytes importable,
+    e.g. from `python3 bench/gpu_check.py --wheels .gpu_wheels` or an installed ptlm."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    r = _run(["--out", str(tmp_path)], timeout=900)
+    rec = json.loads((tmp_path / "gpu_check.json").read_text())
+    st = rec["stages"]
+    assert rec["rehearsal"] is False
+    assert st["headline"]["verdict"] == {"plain_hf_out_of_memory": True,
+                                         "ptlm_trained_all_steps": True}
+    assert st["accuracy"]["measured"] >= 12
+    assert st["probe"]["probe"]["largest_micro_batch"] >= 1
+    assert st["throughput"]["ptlm"]["tokens_per_s"] > 0
+    assert all(st["backoff"]["verdict"].values())
+    probe = st["probe"]
+    assert probe["truth"]["largest_micro_batch"] >= probe["probe"]["largest_micro_batch"]
+    assert r.returncode == 0, (tmp_path / "gpu_check.md").read_text()

@@ -1,0 +1,387 @@
+"""Failures a run must survive or refuse clearly (docs/reliability.md): damaged and half-written
+checkpoints, exact resume with dropout on, two runs in one folder, a mismatched tokenizer, an
+eval that scored nothing, a schedule resumed for more steps, bad paths. Real runs (subprocesses,
+DeepSpeed on CPU ranks), as users launch them."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ptlm.errors import PtlmError
+from ptlm.run import checkpoint, faults, lock
+from tests.conftest import DEMO_CORPUS, ROOT
+from tests.test_trainer import losses, records, tiny_model, train
+
+COMMON = ["--global-batch", 8, "--micro-batch", 4, "--no-export"]
+
+
+@pytest.fixture(scope="module")
+def dropout_model(tmp_path_factory):
+    return tiny_model(tmp_path_factory.mktemp("m") / "optd", dropout=0.1)
+
+
+@pytest.fixture(scope="module")
+def pretrained_dropout(tmp_path_factory, dropout_model):
+    """Weights on disk (from_pretrained returns a model in eval mode, from_config in train)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("pd") / "weights"
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(dropout_model)).save_pretrained(
+        path)
+    return path
+
+
+def evals(out):
+    return [(r["step"], r["tag"], r["val_loss"]) for r in records(out, "eval")]
+
+
+def model_file(tag_dir):
+    return tag_dir / "mp_rank_00_model_states.pt"
+
+
+# ------------------------------------------------------------------ 1. checkpoints
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, demo_dataset, dropout_model):
+    """12 steps with dropout, saved at 4, 8, 12 (12 twice: periodic, then after the final eval)."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    r = train(demo_dataset, out, dropout_model, *COMMON, "--max-steps", 12, "--save-every", 4,
+              "--keep-last", 3, "--eval-every", 5)
+    return out, r
+
+
+def test_the_second_save_of_a_step_keeps_the_complete_checkpoint(reference):
+    out, r = reference
+    assert r.stderr.count("saved checkpoint step00000012") == 1
+    assert "checkpoint step00000012 is already complete: kept as it is" in r.stderr
+    names = sorted(p.name for p in (out / checkpoint.CHECKPOINTS).iterdir())
+    assert names == ["step00000004", "step00000008", "step00000012"]
+
+
+def test_a_truncated_checkpoint_falls_back_to_the_previous_one_exactly(reference, tmp_path,
+                                                                      demo_dataset,
+                                                                      dropout_model):
+    """The newest checkpoint's model file truncated under its marker (a kill while it was being
+    rewritten, before the fix): --resume auto says so, goes back to step 8, and redoes steps 9-12
+    with the same losses. An explicit --resume of it is one clear error."""
+    ref, _ = reference
+    out = tmp_path / "run"
+    shutil.copytree(ref, out)
+    bad = out / checkpoint.CHECKPOINTS / "step00000012"
+    data = model_file(bad).read_bytes()
+    model_file(bad).write_bytes(data[:len(data) // 2])
+    r = train(demo_dataset, out, dropout_model, *COMMON, "--max-steps", 12, "--save-every", 4,
+              "--keep-last", 3, "--eval-every", 5, "--resume", bad, check=False)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "the checkpoint is damaged" in r.stderr and "Traceback" not in r.stderr
+    r = train(demo_dataset, out, dropout_model, *COMMON, "--max-steps", 12, "--save-every", 4,
+              "--keep-last", 3, "--eval-every", 5)
+    assert "step00000012 is damaged" in r.stderr and "resuming from" in r.stderr
+    assert "resumed from" in r.stderr and "step00000008" in r.stderr
+    assert losses(out) == losses(ref)
+    assert [x["step"] for x in records(out, "train")] == list(range(1, 13))
+
+
+def test_a_checkpoint_that_does_not_load_falls_back(reference, tmp_path, demo_dataset,
+                                                     dropout_model):
+    """A damaged checkpoint whose marker lists no sizes (an older ptlm's): loading it fails, and
+    --resume auto falls back to the previous one, saying so."""
+    ref, _ = reference
+    out = tmp_path / "run"
+    shutil.copytree(ref, out)
+    bad = out / checkpoint.CHECKPOINTS / "step00000012"
+    marker = json.loads((bad / checkpoint.COMPLETE).read_text())
+    del marker["files"]
+    (bad / checkpoint.COMPLETE).write_text(json.dumps(marker))
+    model_file(bad).write_bytes(model_file(bad).read_bytes()[:1000])
+    r = train(demo_dataset, out, dropout_model, *COMMON, "--max-steps", 12, "--save-every", 4,
+              "--keep-last", 3, "--eval-every", 5)
+    assert "does not load" in r.stderr and "falling back to" in r.stderr
+    assert losses(out) == losses(ref)
+
+
+@pytest.mark.parametrize("point", ["save:after-engine", "save:before-rename"])
+def test_killed_inside_a_save_resumes_from_the_previous_one(reference, tmp_path, demo_dataset,
+                                                             dropout_model, point):
+    ref, _ = reference
+    out = tmp_path / "run"
+    args = [*COMMON, "--max-steps", 12, "--save-every", 4, "--keep-last", 3, "--eval-every", 5]
+    r = train(demo_dataset, out, dropout_model, *args, check=False,
+              env={faults.KILL_AT_ENV: f"{point}@8"})
+    assert r.returncode == -9, r.stderr[-2000:]
+    ckpts = out / checkpoint.CHECKPOINTS
+    assert checkpoint.latest_complete(ckpts) == "step00000004"
+    assert not (ckpts / "step00000008").exists()
+    train(demo_dataset, out, dropout_model, *args)
+    assert losses(out) == losses(ref)
+    assert not any(p.name.endswith(checkpoint.PARTIAL) for p in ckpts.iterdir())
+
+
+# ------------------------------------------------------------------ 2. exact resume, dropout on
+
+def test_kill_and_resume_is_exact_with_dropout_save_every_step_and_evals(tmp_path, demo_dataset,
+                                                                         pretrained_dropout):
+    """Pretrained weights with dropout on, a checkpoint at every step, evals every 5 steps, 2
+    epochs: killed mid-epoch 2 and resumed (--resume auto), then resumed again from an older
+    checkpoint of the first run (--resume PATH into a fresh folder): the same losses and evals,
+    step by step. (test_trainer's kill test trains --from-scratch: from_config builds the model
+    in training mode, so it passed while a resumed pretrained model, left in from_pretrained's
+    eval mode by the skipped initial eval, trained without dropout until its first eval.)"""
+    dropout_model = pretrained_dropout
+    args = [*COMMON, "--epochs", 2, "--save-every", 1, "--keep-last", 100, "--eval-every", 5]
+    full, cut, old = tmp_path / "full", tmp_path / "cut", tmp_path / "old"
+    train(demo_dataset, full, dropout_model, *args, scratch=False)
+    n = len(losses(full))
+    kill = n // 2 + 4
+    r = train(demo_dataset, cut, dropout_model, *args, check=False, scratch=False,
+              env={faults.KILL_AFTER_STEP_ENV: str(kill)})
+    assert r.returncode == -9 and len(losses(cut)) == kill
+    train(demo_dataset, cut, dropout_model, *args, scratch=False)
+    assert losses(cut) == losses(full)
+    assert evals(cut) == evals(full)
+    start = 7  # mid-epoch 1, between two evals, from the uninterrupted run's own checkpoint
+    train(demo_dataset, old, dropout_model, *args, "--resume",
+          full / checkpoint.CHECKPOINTS / checkpoint.tag_for(start), scratch=False)
+    assert losses(old) == losses(full)[start:]
+    assert [e for e in evals(old)] == [e for e in evals(full) if e[0] > start]
+
+
+# ------------------------------------------------------------------ 3. one writer per folder
+
+def test_a_second_run_into_the_same_folder_is_refused(tmp_path, demo_dataset, dropout_model):
+    out = tmp_path / "run"
+    args = ["launch/train.py", "--model", str(dropout_model), "--from-scratch", "--data",
+            str(demo_dataset), "--out", str(out), "--seed", "0", "--lr", "3e-3", "--epochs", "12",
+            *map(str, COMMON)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and first.poll() is None:
+            metrics = out / "metrics.jsonl"
+            if metrics.exists() and '"kind": "train"' in metrics.read_text():
+                break
+            time.sleep(0.5)
+        assert first.poll() is None, "the first run ended before the second could start"
+        second = subprocess.run([sys.executable, *args], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=600)
+        still_running = first.poll() is None
+        _, err = first.communicate(timeout=600)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert "is in use by another run" in second.stderr and "Traceback" not in second.stderr
+    assert f"pid {first.pid}" in second.stderr
+    assert still_running, "the second run must be refused while the first one runs"
+    assert first.returncode == 0, err[-3000:]
+    steps = [x["step"] for x in records(out, "train")]
+    assert steps == list(range(1, len(steps) + 1))  # one run's rows, each step once
+    assert [e[1] for e in evals(out)].count("initial") == 1
+    # once the first run is gone, the folder is free again (the OS dropped its lock)
+    lock.acquire(out)
+    lock.release(out)
+
+
+def test_the_lock_is_exclusive_and_dies_with_its_process(tmp_path):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, sys.argv[1]); from ptlm.run import lock; "
+        "lock.acquire(sys.argv[2]); print('locked', flush=True); time.sleep(60)"),
+        str(ROOT), str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(PtlmError, match=f"in use by another run \\(pid {holder.pid}"):
+            lock.acquire(out)
+    finally:
+        holder.kill()
+        holder.wait()
+    lock.acquire(out)  # SIGKILLed holder: no stale lock
+    lock.acquire(out)  # again in the same process: already held
+    lock.release(out)
+
+
+def test_bad_out_folders_are_one_line_errors(tmp_path, demo_dataset, dropout_model, monkeypatch):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    r = train(demo_dataset, a_file, dropout_model, *COMMON, "--max-steps", 1, check=False)
+    assert r.returncode == 2 and "is a file, not a folder" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(lock.Path, "mkdir", read_only)
+    with pytest.raises(PtlmError, match="cannot create the folder .*Read-only file system"):
+        lock.acquire(tmp_path / "new")
+    monkeypatch.undo()
+    monkeypatch.setattr(lock.os, "open", read_only)
+    with pytest.raises(PtlmError, match="cannot create the lock file .*Read-only"):
+        lock.acquire(tmp_path / "new")
+
+
+# ------------------------------------------------------------------ 4. tokenizer identity
+
+@pytest.fixture(scope="module")
+def gpt2_data(tmp_path_factory, shared_gpt2_tokenizer):
+    from ptlm.data.prepare import PrepareConfig, prepare
+
+    out = tmp_path_factory.mktemp("gpt2") / "data"
+    prepare(PrepareConfig(sources=[str(DEMO_CORPUS)], out=out, seq_len=64,
+                          tokenizer=str(shared_gpt2_tokenizer), val_fraction=0.1,
+                          progress=False))
+    return out
+
+
+def small_pretrained(path, vocab=500, tokenizer=None):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    OPTForCausalLM(OPTConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=1, ffn_dim=64,
+                             num_attention_heads=2, max_position_embeddings=128,
+                             word_embed_proj_dim=32)).save_pretrained(path)
+    if tokenizer:
+        for f in tokenizer.iterdir():
+            shutil.copyfile(f, path / f.name)
+    return path
+
+
+def run_cfg(data, out, model, **kw):
+    from ptlm.run.config import RunConfig
+
+    return RunConfig.from_flat(dict(model=str(model), data=data, out=out, **kw))
+
+
+def test_a_smaller_vocabulary_is_refused_before_step_1(tmp_path, gpt2_data, caplog):
+    """A 500-row model on GPT-2 data: refused (it used to be resized silently); with
+    --allow-new-tokenizer it goes on, with a warning that says what happens."""
+    from ptlm.data.reader import PackedDataset
+    from ptlm.run.setup import check_tokenizer
+
+    model = small_pretrained(tmp_path / "small")
+    data = PackedDataset(gpt2_data)
+    with pytest.raises(PtlmError, match="50,257 tokens, the model .* has 500 embedding rows"):
+        check_tokenizer(run_cfg(gpt2_data, tmp_path / "o", model), data)
+    with caplog.at_level("WARNING", logger="ptlm.run.setup"):
+        check_tokenizer(run_cfg(gpt2_data, tmp_path / "o", model, allow_new_tokenizer=True), data)
+    assert "--allow-new-tokenizer" in caplog.text and "resized from 500 to 50,257" in caplog.text
+
+
+def test_the_models_own_tokenizer_must_be_the_datas(tmp_path, demo_dataset, gpt2_data,
+                                                     shared_gpt2_tokenizer):
+    """Same vocabulary size, other tokenizer: the ids mean other words. Refused unless
+    --allow-new-tokenizer; the same tokenizer (copied with the model) passes."""
+    from ptlm.data.reader import PackedDataset
+    from ptlm.run.setup import check_tokenizer
+
+    demo = PackedDataset(demo_dataset)
+    ours = small_pretrained(tmp_path / "ours", 1024, demo_dataset / "tokenizer")
+    check_tokenizer(run_cfg(demo_dataset, tmp_path / "o", ours), demo)
+    big = small_pretrained(tmp_path / "gpt2", 50304, shared_gpt2_tokenizer)
+    with pytest.raises(PtlmError, match="another tokenizer .* than the model's own"):
+        check_tokenizer(run_cfg(demo_dataset, tmp_path / "o", big), demo)
+    check_tokenizer(run_cfg(demo_dataset, tmp_path / "o", big, allow_new_tokenizer=True), demo)
+    check_tokenizer(run_cfg(gpt2_data, tmp_path / "o", big), PackedDataset(gpt2_data))
+
+
+def test_train_refuses_a_smaller_vocabulary_before_step_1(tmp_path, gpt2_data):
+    model = small_pretrained(tmp_path / "small")
+    out = tmp_path / "run"
+    r = train(gpt2_data, out, model, *COMMON, "--max-steps", 1, scratch=False, check=False)
+    assert r.returncode == 2 and "--allow-new-tokenizer" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not (out / "metrics.jsonl").exists()
+
+
+# ------------------------------------------------------------------ 5. eval / generate errors
+
+@pytest.fixture(scope="module")
+def eval_model(tmp_path_factory, demo_dataset):
+    return small_pretrained(tmp_path_factory.mktemp("em") / "m", 1024, demo_dataset / "tokenizer")
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "ptlm.cli", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+
+
+def test_eval_that_scores_nothing_or_cannot_is_an_error(tmp_path, eval_model, demo_dataset,
+                                                        gpt2_data):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    text = tmp_path / "t.txt"
+    text.write_text("A cidade acorda cedo e o rio corre para o mar. " * 10, encoding="utf-8")
+    cases = [
+        (("--text", empty), "encodes to 0 token"),
+        (("--text", text, "--stride", -5), "--stride -5: must be >= 1"),
+        (("--text", text, "--stride", 0), "--stride 0: must be >= 1"),
+        (("--text", text, "--max-length", 1000), "--max-length 1000 is above the 128 positions"),
+        (("--data", gpt2_data), "not in this model's token ids"),
+    ]
+    for args, message in cases:
+        r = cli("eval", "--model", eval_model, *args)
+        assert r.returncode == 2, (args, r.stderr[-2000:])
+        assert message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
+        assert len(r.stderr.strip().splitlines()) == 1 or "error:" in r.stderr
+    r = cli("generate", "--model", eval_model, "--prompt", "A cidade", "--max-new-tokens", 500)
+    assert r.returncode == 2 and "above the model's 128 positions" in r.stderr, r.stderr[-2000:]
+
+
+def test_eval_prints_what_it_scored(eval_model, demo_dataset):
+    from ptlm.data.reader import PackedDataset
+
+    n = len(PackedDataset(demo_dataset, "val"))
+    assert n > 3
+    r = cli("eval", "--model", eval_model, "--data", demo_dataset, "--max-blocks", 3)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"3 of {n} blocks" in r.stdout and f"({3 * 63:,} predicted tokens)" in r.stdout
+    r = cli("eval", "--model", eval_model, "--data", demo_dataset, "--max-blocks", 3, "--json")
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["blocks"] == 3 and res["tokens"] == 3 * 63
+
+
+# ------------------------------------------------------------------ 6. LR of a resumed schedule
+
+def test_more_epochs_on_a_finished_schedule_go_on_at_its_floor(tmp_path, demo_dataset,
+                                                               dropout_model):
+    """--epochs 1 to the end, then --epochs 2 --resume auto: the LR stays at the floor
+    (lr * min_lr_ratio) instead of jumping back up a cosine re-stretched over 2 epochs. With
+    --rewarm-steps N it warms up again from the floor and decays to the new end."""
+    lr, ratio = 3e-3, 0.1
+    out, rewarm = tmp_path / "floor", tmp_path / "rewarm"
+    train(demo_dataset, out, dropout_model, *COMMON, "--epochs", 1, "--save-every", 0)
+    shutil.copytree(out, rewarm)
+    first = [x["lr"] for x in records(out, "train")]
+    n = len(first)
+    assert first[-1] == pytest.approx(lr * ratio)  # the LR logged after step k is step k+1's
+    r = train(demo_dataset, out, dropout_model, *COMMON, "--epochs", 2, "--save-every", 0)
+    assert "go on at its floor lr" in r.stderr
+    lrs = [x["lr"] for x in records(out, "train")]
+    assert lrs[:n] == first and len(lrs) == 2 * n
+    assert lrs[n:] == pytest.approx([lr * ratio] * n, rel=1e-9)
+
+    warm = 4
+    r = train(demo_dataset, rewarm, dropout_model, *COMMON, "--epochs", 2, "--save-every", 0,
+              "--rewarm-steps", warm)
+    assert "--rewarm-steps 4: warming up again" in r.stderr
+    expected = []
+    for k in range(n + 1, 2 * n + 1):  # factor for step k's LR, computed after step k
+        s = k - n
+        if s < warm:
+            f = ratio + (1 - ratio) * s / warm
+        else:
+            p = min(1.0, (s - warm) / (n - warm))
+            f = ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * p))
+        expected.append(lr * f)
+    assert [x["lr"] for x in records(rewarm, "train")][n:] == pytest.approx(expected, rel=1e-9)
