@@ -1,4 +1,4 @@
-"""Memory of the real DeepSpeed engine per ZeRO stage and offload, measured, against ptlm.plan.memory.
+"""The real DeepSpeed engine's memory per ZeRO stage and offload, measured, vs ptlm.plan.memory.
 
     .venv/bin/python bench/bench_zero_memory.py                    # default grid, prints a table
     .venv/bin/python bench/bench_zero_memory.py --settings z0 z3-param --layers 2 --hidden 256
@@ -15,8 +15,17 @@ How it measures (no code or constants shared with the memory model):
   bytes of live tensor storage the run created: the model, DeepSpeed's flat 16-bit groups, fp32
   partitions, gradient buckets and partitions, optimizer states, activations, loss temporaries.
   The peak of that curve inside the last step is the step's peak (earlier steps show it is
-  steady). Nothing is estimated: it is what the allocator handed out (storage bytes, not
-  numel x itemsize of views).
+  steady): storage bytes the allocator handed out, not numel x itemsize of views.
+  The profiler sees frees only on the threads it profiles; gloo's worker threads sometimes drop
+  a collective's buffer last. Two corrections (counted in the result as missed_frees and
+  late_frees): an address handed out again was free by then, and at each step boundary a block
+  that no Python object reaches is gone. A free still missed leaves the curve too high until the
+  address is reused: at ZeRO-3 and with offload the worst rank varies by up to ~50 MiB between
+  runs of the default model. Python's cyclic garbage is collected before each step (gc.collect),
+  so reference cycles do not make the peak wander.
+  Shared with ptlm on purpose: the DeepSpeed config (ptlm.plan.dsconfig.build_ds_config of a
+  plan with every knob forced, so bucket sizes are the ones ptlm writes), the model loader, the
+  optimizer builder and LossModule -- what ptlm runs is what is measured.
 Attribution: at the start of the last step the script walks the engine (module parameters and
   their ZeRO-3 partitions, the client optimizer's state, DeepSpeed's optimizer wrapper's
   attributes) and labels each live block by who holds it; blocks allocated during the step are
@@ -26,10 +35,11 @@ Attribution: at the start of the last step the script walks the engine (module p
   host's; offloaded blocks are the ones DeepSpeed puts on its offload device ('cpu') by design:
   the fp32 master partitions and their grads, the optimizer states, ZeRO-3's grad partition buffer
   with optimizer offload, the 16-bit parameter partitions with parameter offload, and ZeRO-1/2's
-  host staging buffer. `device peak` = the peak of (live bytes - live offloaded bytes), compared
+  host staging buffers. `device peak` = the peak of (live bytes - live offloaded bytes), compared
   with the planner's GPU-side peak_tensor_bytes; `all` = every live byte.
 The prediction is made for device_type="cpu" (on CPU torch stores dropout masks in the input
-dtype; on CUDA as bool): the measured figures are CPU figures.
+dtype, on CUDA as bool; the chunked loss makes one more fp32 temporary): these are CPU figures.
+Results and their reading: docs/benchmarks.md section 8; tests/test_memory_zero.py.
 """
 
 from __future__ import annotations
@@ -230,7 +240,8 @@ def _label_blocks(engine, client_optimizer, zero: int, offload: str) -> dict:
             add(t.grad, "fp32_grads")
     for attr, value in vars(ds_opt).items():
         for t in _tensors(value):
-            if "cpu" in attr.lower() or (host_grad_partitions and attr == "grad_partitions_flat_buffer"):
+            host_grads = host_grad_partitions and attr == "grad_partitions_flat_buffer"
+            if "cpu" in attr.lower() or host_grads:
                 add(t, "host_buffers")
             elif "grad" in attr.lower() or "ipg" in attr.lower():
                 add(t, "gradients")

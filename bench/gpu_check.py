@@ -484,6 +484,10 @@ class Check:
         self.cap: int | None = None
         self._n = 0
         self._lock = threading.Lock()
+        # DeepSpeed's CPU Adam (the offload rows) is JIT-built into a folder of its own: ptlm
+        # waits for any build lock in the extensions folder before starting DeepSpeed, and the
+        # other children need no JIT op, so they never wait on that build.
+        self.offload_ext = {"TORCH_EXTENSIONS_DIR": str(work / "torch_extensions_offload")}
 
     # ---------------------------------------------------------------- processes
     def remaining(self) -> float:
@@ -574,12 +578,12 @@ class Check:
 
     # ---------------------------------------------------------------- setup
     def start_prebuild(self):
-        """`python -m ptlm.run.oplocks` in the background: builds DeepSpeed's CPU Adam while the
-        first stages start (ptlm's children wait for a build in progress rather than race it)."""
+        """`python -m ptlm.run.oplocks` in the background: builds DeepSpeed's CPU Adam into the
+        offload rows' own extensions folder while the first stages run."""
         log = open(self.logs / "00-prebuild-ops.log", "w")
         proc = subprocess.Popen([sys.executable, "-m", "ptlm.run.oplocks"], cwd=ROOT,
-                                env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                env={**self.env, **self.offload_ext}, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
         return proc, log, time.perf_counter()
 
     def finish_prebuild(self, prebuild) -> None:
@@ -751,7 +755,9 @@ class Check:
             argv = ["--model", row["model"], "--from-scratch", "--seq-len", str(s.seq),
                     "--global-batch", str(2 * row["micro_batch"]), "--micro-batch",
                     str(row["micro_batch"]), *knob_flags(row["knobs"]), "--json"]
-            r = self.ptlm(f"accuracy-{i}", argv, 300, launch="probe")
+            offload = row["knobs"].get("offload", "none") != "none"
+            r = self.ptlm(f"accuracy-{i}", argv, 300, launch="probe",
+                          env=self.offload_ext if offload else None)
             out = last_json(r["stdout"]) or {}
             trial = (out.get("trials") or {}).get(str(row["micro_batch"]))
             row.update(seconds=r["seconds"], rc=r["rc"])

@@ -366,10 +366,10 @@ def test_more_epochs_on_a_finished_schedule_go_on_at_its_floor(tmp_path, demo_da
     n = len(first)
     assert first[-1] == pytest.approx(lr * ratio)  # the LR logged after step k is step k+1's
     r = train(demo_dataset, out, dropout_model, *COMMON, "--epochs", 2, "--save-every", 0)
-    assert "go on at its floor lr" in r.stderr
     lrs = [x["lr"] for x in records(out, "train")]
     assert lrs[:n] == first and len(lrs) == 2 * n
     assert lrs[n:] == pytest.approx([lr * ratio] * n, rel=1e-9)
+    assert "go on at its floor lr" in r.stderr
 
     warm = 4
     r = train(demo_dataset, rewarm, dropout_model, *COMMON, "--epochs", 2, "--save-every", 0,

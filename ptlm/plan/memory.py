@@ -444,7 +444,7 @@ def _backward_end(model: ModelFacts, s: Setting, world: int, buffers: DsBuffers,
       * DeepSpeed's reduction of a full bucket: ZeRO-3 flattens it and reduce-scatters through a
         second buffer of its size (stage3.py __avg_scatter_grads -> reduce_scatter_coalesced,
         :2102-2118); with optimizer offload the second is an fp32 copy of the largest param's grad
-        on its way to the host. ZeRO-1/2 with offload: an fp32 tensor of all Ψ elements, made
+        on its way to the host. ZeRO-2 with offload: an fp32 tensor of all Ψ elements, made
         during the backward on rank 0 only (seen with buckets of Ψ and of Ψ/2; its source in
         stage_1_and_2.py was not pinned down; the plan is for the worst rank).
     """
@@ -462,9 +462,9 @@ def _backward_end(model: ModelFacts, s: Setting, world: int, buffers: DsBuffers,
     if offloaded and s.zero < 3:
         tied -= copied_sum * head * w  # the summed grad goes straight to the host buffers
     if s.zero == 3:
-        second = FP32_BYTES * model.largest_layer_params if offloaded else w * buffers.reduce_bucket_size
-        reduction = w * buffers.reduce_bucket_size + second
-    elif offloaded:
+        bucket = w * buffers.reduce_bucket_size
+        reduction = bucket + (FP32_BYTES * model.largest_layer_params if offloaded else bucket)
+    elif offloaded and s.zero == 2:  # measured at ZeRO-2; ZeRO-1 + offload was not measured
         reduction = FP32_BYTES * psi
     else:
         reduction = 0

@@ -103,9 +103,9 @@ def save(engine, run_dir: Path, step: int, client_state: dict, dist: Dist,
             set_aside(final, problem)
     partial = ckpt_dir / f"{tag}{PARTIAL}"
     t0 = time.perf_counter()
-    if dist.is_main:  # leftovers of a killed save of this step (no marker: never complete)
-        for stale in (partial, final):
-            if stale.exists():
+    if dist.is_main:  # leftovers of killed saves (the run folder's lock: no other writer)
+        for stale in [final, *ckpt_dir.glob(f"step*{PARTIAL}")]:
+            if stale.is_dir():
                 shutil.rmtree(stale)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     barrier()
