@@ -385,3 +385,17 @@ def test_more_epochs_on_a_finished_schedule_go_on_at_its_floor(tmp_path, demo_da
             f = ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * p))
         expected.append(lr * f)
     assert [x["lr"] for x in records(rewarm, "train")][n:] == pytest.approx(expected, rel=1e-9)
+
+
+def test_an_oom_back_off_keeps_a_continued_schedule(tmp_path, demo_dataset, dropout_model):
+    """The back-off rebuilds the engine (built with the base schedule): a schedule continued at
+    its floor after `--epochs 1` then `--epochs 2` must stay at the floor after the rebuild."""
+    lr, ratio = 3e-3, 0.1
+    out = tmp_path / "floor_oom"
+    train(demo_dataset, out, dropout_model, *COMMON, "--epochs", 1, "--save-every", 0)
+    n = len(records(out, "train"))
+    train(demo_dataset, out, dropout_model, *COMMON, "--epochs", 2, "--save-every", 0,
+          env={faults.OOM_ENV: str(n + 2)})
+    assert [r["step"] for r in records(out, "oom_backoff")] == [n + 1]
+    lrs = [x["lr"] for x in records(out, "train")]
+    assert lrs[n:] == pytest.approx([lr * ratio] * n, rel=1e-9)

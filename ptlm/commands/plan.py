@@ -136,18 +136,71 @@ def format_plan(p: Plan) -> str:
     return "\n".join(lines)
 
 
+def _peak_moments(m) -> list[tuple[str, list[tuple[str, int]], list[str]]]:
+    """The moments MemoryBreakdown's peak is the largest of (forward_backward_peak, step_peak),
+    each as (name, rows that add up to its bytes, labels of the fields not counted then)."""
+    kept_buffers = m.ds_buffers if m.ds_buffers_persist else 0
+    kept = [("parameters", m.parameters), ("optimizer states", m.optimizer_states)]
+    kept += [("gradients (kept)", m.gradients)] if m.grads_persist else []
+    kept += [("DeepSpeed buffers (kept)", kept_buffers)] if kept_buffers else []
+    grads_later = [] if m.grads_persist else ["gradients"]
+    buckets_later = ["DeepSpeed buffers"] if m.ds_buffers > kept_buffers else []
+    loss = kept + [("activations", m.activations), ("loss / logits", m.loss)]
+    layer = kept + [("activations", m.activations), ("layer backward", m.layer_backward)]
+    layer += ([("DeepSpeed buckets (backward)", m.ds_buffers - kept_buffers)]
+              if m.ds_buffers > kept_buffers else [])
+    end = kept + [("backward end", m.backward_end)]
+    step = [("parameters", m.parameters), ("gradients", m.gradients),
+            ("optimizer states", m.optimizer_states), ("fp32 grads (step)", m.fp32_grads),
+            ("flatten copies (step)", m.flatten_copies)]
+    step += [("DeepSpeed buffers (kept)", kept_buffers)] if kept_buffers else []
+    step_only = ["fp32 grads (step)", "flatten copies (step)"]
+    return [
+        ("forward/backward: the loss", loss,
+         grads_later + buckets_later + ["layer backward", "backward end"] + step_only),
+        ("forward/backward: one layer's backward", layer,
+         grads_later + ["loss / logits", "backward end"] + step_only),
+        ("forward/backward: end of the backward", end,
+         ["activations", "loss / logits", "layer backward"] + step_only),
+        ("optimizer step", step,
+         buckets_later + ["activations", "loss / logits", "layer backward", "backward end"]),
+    ]
+
+
+_FIELD_OF_LABEL = {"parameters": "parameters", "gradients": "gradients",
+                   "optimizer states": "optimizer_states", "DeepSpeed buffers": "ds_buffers",
+                   "activations": "activations",
+                   "loss / logits": "loss", "layer backward": "layer_backward",
+                   "backward end": "backward_end", "fp32 grads (step)": "fp32_grads",
+                   "flatten copies (step)": "flatten_copies"}
+
+
 def _breakdown_lines(p: Plan) -> list[str]:
+    """The terms live at the peak, adding up to it, then the terms live at other moments."""
     m = p.memory
-    rows = [("parameters", m.parameters), ("gradients", m.gradients),
-            ("optimizer states", m.optimizer_states), ("DeepSpeed buffers", m.ds_buffers),
-            ("activations", m.activations), ("loss / logits", m.loss),
-            ("layer backward", m.layer_backward),
-            ("fp32 grads (step)", m.fp32_grads), ("flatten copies (step)", m.flatten_copies)]
-    lines = [f"    {name:<24}{_gib(value)}" for name, value in rows]
+    moments = [(name, rows, absent, sum(v for _, v in rows))
+               for name, rows, absent in _peak_moments(m)]
+    at_peak = [mo for mo in moments if mo[3] == m.peak_tensor_bytes
+               and (mo[0] == "optimizer step") == (m.peak_phase == "optimizer step")]
+    if at_peak:
+        name, rows, absent, _ = at_peak[0]
+        lines = [f"    {label:<28}{_gib(value)}" for label, value in rows]
+        lines.append(f"    {'= peak tensors':<28}{_gib(m.peak_tensor_bytes)}  ({name})")
+        others = ", ".join(f"{label} {getattr(m, _FIELD_OF_LABEL[label]) / GiB:.2f}"
+                           for label in absent if getattr(m, _FIELD_OF_LABEL[label]))
+        if others:
+            lines.append(f"    not counted at that moment: {others}")
+        lines.append("    other moments: " + ", ".join(
+            f"{n.split(': ')[-1]} {total / GiB:.2f}" for n, _, _, total in moments if n != name))
+    else:  # the memory model changed shape: show its fields, and say they do not add up
+        lines = [f"    {label:<28}{_gib(getattr(m, field))}"
+                 for label, field in _FIELD_OF_LABEL.items()]
+        lines.append(f"    {'= peak tensors':<28}{_gib(m.peak_tensor_bytes)}  (at the "
+                     f"{m.peak_phase}; the rows above are every term, not the terms of the peak, "
+                     "and do not add up to it)")
     lines += [
-        f"    {'= peak tensors':<24}{_gib(m.peak_tensor_bytes)}  (at the {m.peak_phase})",
-        f"    {'+ allocator headroom':<24}{_gib(m.allocator_headroom)}",
-        f"    {'+ CUDA context (+NCCL)':<24}{_gib(m.cuda_context)}",
-        f"    {'= total':<24}{_gib(m.gpu_total)}  of {p.hardware.gpu_memory_bytes / GiB:.2f} GiB",
+        f"    {'+ allocator headroom':<28}{_gib(m.allocator_headroom)}",
+        f"    {'+ CUDA context (+NCCL)':<28}{_gib(m.cuda_context)}",
+        f"    {'= total':<28}{_gib(m.gpu_total)}  of {p.hardware.gpu_memory_bytes / GiB:.2f} GiB",
     ]
     return lines

@@ -186,7 +186,7 @@ def hardware(world_size: int) -> HardwareFacts:
     host = hw.host_memory_bytes or 0
     return HardwareFacts(gpu_name="cpu", gpu_memory_bytes=max(host // max(local, 1), 1),
                          gpus_per_node=local, nodes=nodes, host_memory_bytes=host,
-                         bf16=_accelerator_bf16())
+                         bf16=_accelerator_bf16(), device_type="cpu")
 
 
 def _accelerator_bf16() -> bool:
