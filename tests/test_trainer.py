@@ -227,11 +227,11 @@ def make_cfg(data, out, model, **kw):
 
 def test_seq_len_above_positions_fails_before_training(tmp_path, demo_dataset):
     from ptlm.data.reader import PackedDataset
-    from ptlm.run.setup import checked_config
+    from ptlm.run.setup import model_source
 
     model = tiny_model(tmp_path / "short", positions=32)  # the data's blocks are 64 tokens
     with pytest.raises(PtlmError, match="seq_len 64 is above the 32 positions"):
-        checked_config(make_cfg(demo_dataset, tmp_path / "o", model), PackedDataset(demo_dataset))
+        model_source(str(model), True, PackedDataset(demo_dataset))
 
 
 def test_tokenizer_mismatch_fails(tmp_path, demo_dataset, shared_gpt2_tokenizer):
@@ -252,7 +252,8 @@ def test_pretrained_model_with_a_smaller_vocab_is_refused_or_resized_when_allowe
     from transformers import OPTConfig, OPTForCausalLM
 
     from ptlm.data.reader import PackedDataset
-    from ptlm.run.setup import build_model, check_tokenizer, checked_config
+    from ptlm.run.engine import setup_model
+    from ptlm.run.setup import check_tokenizer, model_source
 
     small = tmp_path / "small"
     OPTForCausalLM(OPTConfig(vocab_size=500, hidden_size=32, num_hidden_layers=1, ffn_dim=64,
@@ -265,7 +266,7 @@ def test_pretrained_model_with_a_smaller_vocab_is_refused_or_resized_when_allowe
         check_tokenizer(cfg, data)
     cfg.what.allow_new_tokenizer = True
     check_tokenizer(cfg, data)
-    model = build_model(cfg, checked_config(cfg, data), data, "fp32")
+    model = setup_model(model_source(str(small), False, data), "fp32", None)
     assert model.get_input_embeddings().weight.shape[0] >= 1024
 
 

@@ -80,7 +80,7 @@ def run(args) -> int:
 def _check_data_tokenizer(spec: str, model, dataset: PackedDataset) -> None:
     """The data must be in the model's token ids: its tokenizer fits the embedding table and,
     when the model folder has its own tokenizer, is that tokenizer."""
-    from ptlm.run.setup import same_tokenizer
+    from ptlm.data.tokenizer import same_tokenizer
 
     rows = model.get_input_embeddings().weight.shape[0]
     if dataset.vocab_size > rows:

@@ -8,16 +8,21 @@ import json
 import logging
 import time
 
+from ptlm.commands.flags import add_setting_arguments, forced_from_args
+from ptlm.data.reader import PackedDataset
 from ptlm.errors import PtlmError
+from ptlm.plan.dsconfig import OptimizerHyper
 from ptlm.plan.probe_cache import cache_key, divisors, largest_fitting, write_cache
+from ptlm.run import setup as runsetup
+from ptlm.run.distributed import init, shutdown
+from ptlm.run.engine import build_engine
 from ptlm.run.probe import Trials, format_result
+from ptlm.units import parse_size
 
 log = logging.getLogger(__name__)
 
 
 def add_arguments(p) -> None:
-    from ptlm.commands.flags import add_setting_arguments
-
     p.add_argument("--model", required=True, help="hub name, HF folder, or a ptlm alias")
     p.add_argument("--data", help="folder written by `ptlm prepare`: the model is built as "
                                   "`ptlm train --data` builds it (vocabulary sized/checked against "
@@ -36,8 +41,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ptlm.run.distributed import shutdown
-
     clean = False
     try:
         code = _run(args)
@@ -49,12 +52,8 @@ def run(args) -> int:
 
 def source_and_seq_len(args):
     """The model as training builds it (ptlm.run.setup.model_source), and the sequence length."""
-    from ptlm.run import setup as runsetup
-
     data = None
     if args.data:
-        from ptlm.data.reader import PackedDataset
-
         data = PackedDataset(args.data, "train")
         if args.seq_len is not None and args.seq_len != data.seq_len:
             raise PtlmError(f"--seq-len {args.seq_len}, but {args.data} holds blocks of "
@@ -71,9 +70,6 @@ def source_and_seq_len(args):
 
 def probe_plan(args, source, seq_len: int, world_size: int, gpu: bool):
     """Rank 0's plan for the probe, shared with every rank (as training's resolve_plan)."""
-    from ptlm.commands.flags import forced_from_args
-    from ptlm.run import setup as runsetup
-
     forced = forced_from_args(args)
     return runsetup.rank0_plan(lambda: runsetup.plan_for(
         args.model, source.config, seq_len, args.global_batch, forced, world_size, gpu,
@@ -81,12 +77,6 @@ def probe_plan(args, source, seq_len: int, world_size: int, gpu: bool):
 
 
 def _run(args) -> int:
-    from ptlm.plan.dsconfig import OptimizerHyper
-    from ptlm.run import setup as runsetup
-    from ptlm.run.distributed import init
-    from ptlm.run.engine import build_engine
-    from ptlm.units import parse_size
-
     dist = init()
     gpu = runsetup.on_gpu()
     source, seq_len = source_and_seq_len(args)

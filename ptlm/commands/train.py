@@ -9,6 +9,7 @@ from pathlib import Path
 from ptlm.commands.flags import add_dataclass_arguments, dataclass_values
 from ptlm.errors import PtlmError
 from ptlm.run.config import RunConfig, option_owners
+from ptlm.run.distributed import shutdown
 from ptlm.run.trainer import train
 
 
@@ -22,8 +23,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from ptlm.run.distributed import shutdown
-
     clean = False
     try:
         summary = train(from_args(args))

@@ -9,13 +9,13 @@ training and generation use exactly the tokenizer the data was made with.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
+from ptlm.data.shards import sha256_file
 from ptlm.errors import PtlmError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -155,6 +155,27 @@ def describe(folder: Path, source: str) -> TokenizerInfo:
     max_len = config.get("model_max_length")
     max_len = int(max_len) if isinstance(max_len, (int, float)) and max_len < UNSET_MAX_LENGTH \
         else None
-    digest = hashlib.sha256((folder / "tokenizer.json").read_bytes()).hexdigest()
+    digest = sha256_file(folder / "tokenizer.json")
     return TokenizerInfo(source=source, vocab_size=tok.get_vocab_size(with_added_tokens=True),
                          eos_token=eos, eos_id=eos_id, sha256=digest, model_max_length=max_len)
+
+
+def same_tokenizer(a, b) -> bool:
+    """Whether two tokenizer.json files encode text to the same ids: the same bytes, or the same
+    model (vocabulary, merges), normalizer, pre-tokenizer and added tokens (files written by
+    other versions of `tokenizers` differ in formatting only)."""
+    a, b = Path(a), Path(b)
+    if sha256_file(a) == sha256_file(b):
+        return True
+
+    def identity(path):
+        try:
+            j = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        added = sorted((t.get("id"), t.get("content")) for t in j.get("added_tokens") or [])
+        return json.dumps([j.get("model"), j.get("normalizer"), j.get("pre_tokenizer"), added],
+                          sort_keys=True)
+
+    ia = identity(a)
+    return ia is not None and ia == identity(b)

@@ -19,7 +19,9 @@ import logging
 
 import torch
 
+from ptlm.plan.memory import estimate
 from ptlm.plan.probe_cache import cache_path
+from ptlm.run.distributed import any_rank
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +40,10 @@ class Trials:
         self.results: dict[int, dict] = {}
 
     def predicted(self, micro: int) -> int:
-        from ptlm.plan.memory import estimate
-
         p = self.plan
         return estimate(p.model, p.hardware, p.job, p.setting.with_(micro_batch=micro)).gpu_total
 
     def __call__(self, micro: int) -> bool:
-        from ptlm.run.distributed import any_rank
-
         oom = False
         predicted = self.predicted(micro)
         try:

@@ -12,9 +12,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ptlm.data import shards
+from ptlm.data import tokenizer as toks
 from ptlm.data.reader import PackedDataset
 from ptlm.errors import PtlmError
-from ptlm.model.config import is_config_only_alias, resolve_config
+from ptlm.model.config import is_config_only_alias, max_positions, resolve_config
 from ptlm.plan import dsconfig
 from ptlm.plan.facts import HardwareFacts, ModelFacts
 from ptlm.plan.memory import Job
@@ -44,8 +46,6 @@ class ModelSource:
 def model_source(spec: str, from_scratch: bool, data: PackedDataset | None) -> ModelSource:
     """The model's config, checked against the data (positions >= seq_len); for --from-scratch,
     its vocabulary sized to the data's tokenizer (rows padded to VOCAB_ROWS_MULTIPLE)."""
-    from ptlm.model.config import max_positions
-
     config = resolve_config(spec)
     if not from_scratch and is_config_only_alias(spec):
         raise PtlmError(f"--model {spec} is a built-in config alias without weights: add "
@@ -60,21 +60,6 @@ def model_source(spec: str, from_scratch: bool, data: PackedDataset | None) -> M
         config.vocab_size = -(-data.vocab_size // VOCAB_ROWS_MULTIPLE) * VOCAB_ROWS_MULTIPLE
         _set_special_ids(config, data)
     return ModelSource(spec, config, from_scratch, data.vocab_size)
-
-
-def checked_config(cfg: RunConfig, data: PackedDataset):
-    """The run's model config, checked against the data (see model_source)."""
-    return model_source(cfg.what.model, cfg.what.from_scratch, data).config
-
-
-def build_model(cfg: RunConfig, config, data: PackedDataset, precision: str,
-                ds_config: dict | None = None):
-    """The HF model in the training precision, its embeddings large enough for the data's ids:
-    the engine builder's model step (ptlm.run.engine.setup_model) on its own."""
-    from ptlm.run.engine import setup_model
-
-    source = ModelSource(cfg.what.model, config, cfg.what.from_scratch, data.vocab_size)
-    return setup_model(source, precision, ds_config)
 
 
 def _set_special_ids(config, data: PackedDataset) -> None:
@@ -102,7 +87,7 @@ def check_tokenizer(cfg: RunConfig, data: PackedDataset) -> None:
         path = Path(cfg.what.tokenizer) / "tokenizer.json"
         if not path.exists():
             raise PtlmError(f"--tokenizer {cfg.what.tokenizer}: no tokenizer.json there")
-        if _sha256(path) != info["sha256"]:
+        if shards.sha256_file(path) != info["sha256"]:
             raise PtlmError(f"--tokenizer {cfg.what.tokenizer} is not the tokenizer "
                             f"{cfg.corpus.data} was prepared with ({info['source']}); use "
                             f"{cfg.corpus.data / 'tokenizer'} or prepare the data again")
@@ -111,7 +96,7 @@ def check_tokenizer(cfg: RunConfig, data: PackedDataset) -> None:
     allow = cfg.what.allow_new_tokenizer
     problems = []
     model_tok = Path(cfg.what.model) / "tokenizer.json"
-    if model_tok.is_file() and data_tok.is_file() and not same_tokenizer(model_tok, data_tok):
+    if model_tok.is_file() and data_tok.is_file() and not toks.same_tokenizer(model_tok, data_tok):
         problems.append(f"the data {cfg.corpus.data} was prepared with another tokenizer "
                         f"({info['source']}) than the model's own ({model_tok.parent})")
     rows = getattr(resolve_config(cfg.what.model), "vocab_size", None)
@@ -131,35 +116,6 @@ def check_tokenizer(cfg: RunConfig, data: PackedDataset) -> None:
                if isinstance(rows, int) and data.vocab_size > rows else "")
     log.warning("%s", "--allow-new-tokenizer: " + "; ".join(problems)
                 + f". Training the model on this tokenizer anyway{resized}")
-
-
-def _sha256(path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def same_tokenizer(a, b) -> bool:
-    """Whether two tokenizer.json files encode text to the same ids: the same bytes, or the same
-    model (vocabulary, merges), normalizer, pre-tokenizer and added tokens (files written by
-    other versions of `tokenizers` differ in formatting only)."""
-    from pathlib import Path
-
-    a, b = Path(a), Path(b)
-    if _sha256(a) == _sha256(b):
-        return True
-
-    def identity(path):
-        try:
-            j = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        added = sorted((t.get("id"), t.get("content")) for t in j.get("added_tokens") or [])
-        return json.dumps([j.get("model"), j.get("normalizer"), j.get("pre_tokenizer"), added],
-                          sort_keys=True)
-
-    ia = identity(a)
-    return ia is not None and ia == identity(b)
 
 
 def local_world_size(world_size: int) -> int:

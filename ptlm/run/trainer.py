@@ -21,10 +21,13 @@ from torch import nn
 
 from ptlm.data.reader import PackedDataset, PackedLoader
 from ptlm.errors import PtlmError
+from ptlm.plan.planner import flops_per_token
 from ptlm.run import checkpoint, faults, lock, report
 from ptlm.run import setup as runsetup
 from ptlm.run.config import RunConfig
 from ptlm.run.distributed import Dist, all_reduce_sum, any_rank, barrier, init
+from ptlm.run.engine import build_engine
+from ptlm.run.export import export_hf
 from ptlm.run.evaluate import EvalResult, evaluate_blocks
 from ptlm.run.schedule import (
     SegmentedSchedule,
@@ -139,9 +142,6 @@ def overfit_blocks(data: PackedDataset, n_docs: int) -> int:
 
 
 def setup(cfg: RunConfig) -> Run:
-    from ptlm.plan.planner import flops_per_token
-    from ptlm.run.engine import build_engine
-
     dist = init()
     torch.manual_seed(cfg.corpus.seed)  # the same initial weights on every rank
     train = PackedDataset(cfg.corpus.data, "train")
@@ -601,8 +601,6 @@ def train_loop(run: Run) -> None:
 
 
 def finish(run: Run) -> dict:
-    from ptlm.run.export import export_hf
-
     s = run.state
     if not s.epochs or s.epochs[-1]["step"] != s.step:  # stopped mid-epoch (max steps/tokens)
         run_eval(run, "final")
