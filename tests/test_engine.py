@@ -15,7 +15,7 @@ import torch
 
 from ptlm.errors import PtlmError
 from ptlm.plan import probe_cache
-from ptlm.run.distributed import free_port
+from ptlm.run.distributed import free_port, shutdown
 from tests.conftest import ROOT
 from tests.test_trainer import losses, tiny_model, train
 
@@ -66,7 +66,9 @@ def _plan_on_rank(rank: int, port: int, data: str, out: str, model: str, tmp: st
         with pytest.raises(PtlmError, match="no plan fits"):  # on every rank: none waits forever
             runsetup.rank0_plan(fail)
     finally:
-        torch.distributed.destroy_process_group()
+        # the product's teardown: every rank past its last collective, then the groups destroyed
+        # (left to interpreter exit, gloo's threads can abort the process: exit -6)
+        shutdown()
     with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
         json.dump({"train": trained.to_dict(), "probe": probed.to_dict()}, f)
 
