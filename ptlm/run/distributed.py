@@ -20,6 +20,11 @@ import torch
 from ptlm.errors import PtlmError
 
 LOG_FORMAT = "[%(asctime)s rank {rank}/{world} %(levelname)s %(name)s] %(message)s"
+# DeepSpeed's CPU backend gives each rank a POSIX shared-memory segment of ~66 MiB when every rank
+# is on this host (LOCAL_SIZE == world size; ops/csrc/cpu/comm/shm.cpp, shm_initialize) and never
+# unlinks it: each CPU run left 66 MiB of RAM per rank behind in /dev/shm (a tmpfs).
+SHM_DIR = "/dev/shm"
+SHM_SEGMENT = "deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}"
 
 
 @dataclass(frozen=True)
@@ -96,8 +101,29 @@ def init(local_rank_arg: int | None = None) -> Dist:
         device = torch.device(accel.device_name())
     dist = Dist(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
                 local_rank=local_rank, device=device)
+    if accel.device_name() == "cpu":
+        _unlink_shm_segment(dist)
     setup_logging(dist)
     return dist
+
+
+def _unlink_shm_segment(dist: Dist) -> None:
+    """Remove the name of this rank's DeepSpeed shared-memory segment (see SHM_SEGMENT).
+
+    shm_initialize returns only after this rank has mapped every peer's segment, so after a
+    barrier no rank needs a name any more: the mappings stay valid, and the kernel frees the
+    memory when the last process that maps it exits, however the run ends. The condition is
+    the same on every rank (the barrier is collective)."""
+    env = os.environ
+    if env.get("LOCAL_SIZE") != str(dist.world_size) or not os.path.isdir(SHM_DIR):
+        return
+    torch.distributed.barrier()
+    name = SHM_SEGMENT.format(uid=os.getuid(), addr=env.get("MASTER_ADDR", ""),
+                              port=env.get("MASTER_PORT", ""), rank=dist.rank)
+    try:
+        os.unlink(os.path.join(SHM_DIR, name))
+    except FileNotFoundError:
+        pass
 
 
 def setup_logging(dist: Dist, level: int = logging.INFO) -> None:
