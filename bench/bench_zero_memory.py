@@ -61,7 +61,8 @@ if str(ROOT) not in sys.path:
 MiB = 2**20
 SETTINGS = {  # name -> (zero stage, offload)
     "z0": (0, "none"), "z1": (1, "none"), "z2": (2, "none"), "z3": (3, "none"),
-    "z2-opt": (2, "optimizer"), "z3-opt": (3, "optimizer"), "z3-param": (3, "parameters"),
+    "z1-opt": (1, "optimizer"), "z2-opt": (2, "optimizer"), "z3-opt": (3, "optimizer"),
+    "z3-param": (3, "parameters"),
 }
 DEFAULT_SETTINGS = list(SETTINGS)
 # Per-rank memory the plan assumes (it sizes DeepSpeed's buckets from it): a 16 GiB device.

@@ -143,6 +143,8 @@ def _peak_moments(m) -> list[tuple[str, list[tuple[str, int]], list[str]]]:
     kept = [("parameters", m.parameters), ("optimizer states", m.optimizer_states)]
     kept += [("gradients (kept)", m.gradients)] if m.grads_persist else []
     kept += [("DeepSpeed buffers (kept)", kept_buffers)] if kept_buffers else []
+    staging = [("offload staging buffer", m.offload_staging)] if m.offload_staging else []
+    kept += staging
     grads_later = [] if m.grads_persist else ["gradients"]
     buckets_later = ["DeepSpeed buffers"] if m.ds_buffers > kept_buffers else []
     loss = kept + [("activations", m.activations), ("loss / logits", m.loss)]
@@ -154,6 +156,7 @@ def _peak_moments(m) -> list[tuple[str, list[tuple[str, int]], list[str]]]:
             ("optimizer states", m.optimizer_states), ("fp32 grads (step)", m.fp32_grads),
             ("flatten copies (step)", m.flatten_copies)]
     step += [("DeepSpeed buffers (kept)", kept_buffers)] if kept_buffers else []
+    step += staging
     step_only = ["fp32 grads (step)", "flatten copies (step)"]
     return [
         ("forward/backward: the loss", loss,
@@ -172,7 +175,8 @@ _FIELD_OF_LABEL = {"parameters": "parameters", "gradients": "gradients",
                    "activations": "activations",
                    "loss / logits": "loss", "layer backward": "layer_backward",
                    "backward end": "backward_end", "fp32 grads (step)": "fp32_grads",
-                   "flatten copies (step)": "flatten_copies"}
+                   "flatten copies (step)": "flatten_copies",
+                   "offload staging buffer": "offload_staging"}
 
 
 def _breakdown_lines(p: Plan) -> list[str]:

@@ -55,6 +55,10 @@ ADAMW8BIT_STATE_BYTES = 2 * (1 + BNB_ABSMAX_BYTES / BNB_BLOCKSIZE)
 # fp32 gradient partition built for the optimizer step (DeepSpeed's own estimator:
 # "18 = 2_grads_16bit + 4_grads_32bit + 4_params_32bit + 8_optimizer_states_32bit").
 FP32_GRAD_BYTES = 4
+# ZeRO-1/2 with optimizer offload take each gradient slice's norm in fp64 on the device
+# (zero/utils.py get_norm_dtype: fp64 where supported); see _backward_end.
+GRAD_NORM_BYTES = 8
+ZERO3_NORM_CHUNK_ELEMENTS = 250_000_000  # stage3.py _constant_buffered_norm2's buffer_size
 # ptlm hands DeepSpeed a client optimizer (ptlm/optim.py: torch AdamW, bitsandbytes, CPU-Adam),
 # so 16-bit ZeRO-0 runs FP16_UnfusedOptimizer: one fp32 master and one fp32 grad per parameter
 # (built for all params at once in step()), no flat copies.
@@ -252,11 +256,15 @@ class MemoryBreakdown:
     # At the end of the backward, beyond what persists: the gradients not yet counted, the
     # backward-only buckets and the transients of that moment (see _backward_end).
     backward_end: int = 0
+    # ZeRO-1/2 with optimizer offload: the device buffer every gradient goes to the host
+    # through, the size of the largest parameter, kept for the run (stage_1_and_2.py:659).
+    offload_staging: int = 0
 
     @property
     def model_states(self) -> int:
         """What DeepSpeed's estimate_zero*_model_states_mem_needs counts on the GPU."""
-        return self.parameters + self.gradients + self.optimizer_states + self.fp32_grads
+        return (self.parameters + self.gradients + self.optimizer_states + self.fp32_grads
+                + self.offload_staging)
 
     @property
     def forward_backward_peak(self) -> int:
@@ -264,7 +272,8 @@ class MemoryBreakdown:
         every activation stored. Late: the end of the backward (no activations left), where the
         gradients are complete, DeepSpeed's buckets are full and it reduces them, and the tied
         embedding's two gradients are summed (`backward_end`)."""
-        persistent = self.parameters + self.optimizer_states + self._persistent_buffers
+        persistent = (self.parameters + self.optimizer_states + self._persistent_buffers
+                      + self.offload_staging)
         if self.grads_persist:
             persistent += self.gradients
         in_backward = self.layer_backward + (self.ds_buffers - self._persistent_buffers)
@@ -336,9 +345,7 @@ def estimate(model: ModelFacts, hw: HardwareFacts, job: Job, setting: Setting) -
     # host with optimizer offload). ZeRO-2's (grads_in_partition) is made during the backward
     # (stage_1_and_2.py:2184-2195) and dropped with the buckets (:930); the step frees the
     # partition it was flattened into (averaged_gradients = None, :3131).
-    # With optimizer offload at ZeRO-2 `gradients` is the kept device staging buffer.
-    grads_persist = (setting.zero == 3 or (setting.zero == 2 and setting.offload != "none")
-                     or accumulates(job, world, setting.micro_batch))
+    grads_persist = setting.zero == 3 or accumulates(job, world, setting.micro_batch)
     return MemoryBreakdown(
         parameters=states.parameters, gradients=states.gradients,
         optimizer_states=states.optimizer_states,
@@ -352,7 +359,8 @@ def estimate(model: ModelFacts, hw: HardwareFacts, job: Job, setting: Setting) -
         host_model_states=host_states,
         host_overhead=(hw.gpus_per_node or 1) * HOST_PROCESS_BYTES,
         grads_persist=grads_persist, ds_buffers_persist=setting.zero == 3,
-        backward_end=_backward_end(model, setting, world, buffers, states, grads_persist))
+        backward_end=_backward_end(model, setting, world, buffers, states, grads_persist),
+        offload_staging=states.offload_staging)
 
 
 def accumulates(job: Job, world: int, micro_batch: int) -> bool:
@@ -368,6 +376,7 @@ class _States:
     fp32_grads: int = 0
     flatten_copies: int = 0
     backward_grads: int = 0  # only while the backward runs
+    offload_staging: int = 0
 
 
 def _optimizer_bytes_per_param(model: ModelFacts, setting: Setting, flat: bool) -> float:
@@ -394,13 +403,14 @@ def _model_states(model: ModelFacts, s: Setting, world: int, buffers: DsBuffers)
         return _zero3_states(model, s, world, buffers, optimizer)
     params = psi * w
     grads = psi * w // world if (s.zero == 2 and not offloaded) else psi * w
-    if s.zero == 2 and offloaded:
-        # Reduced into host buffers through one device buffer of the largest parameter's size,
-        # kept for the run (temp_grad_buffer_for_gpu_offload, stage_1_and_2.py:659, measured).
-        # ZeRO-1 reduces only after the backward, so it keeps full 16-bit grads until then.
-        grads = w * model.largest_layer_params
     if offloaded:  # the optimizer steps on the host
-        return _States(params, grads, optimizer)
+        # ZeRO-1 keeps its 16-bit grads on the device until it reduces after the backward (through
+        # accumulation too); ZeRO-2 hands each bucket to the host as it fills (accumulating there,
+        # async_accumulate_grad_in_cpu_via_gpu). Both go through one kept device buffer of the
+        # largest parameter's size (temp_grad_buffer_for_gpu_offload, stage_1_and_2.py:659;
+        # measured at both stages).
+        return _States(params, grads if s.zero == 1 else 0, optimizer,
+                       offload_staging=w * model.largest_layer_params)
     fp32_grads = FP32_GRAD_BYTES * psi // shard if wrapped else 0
     if s.zero == 0:
         # The all-reduce bucket copy comes before the fp32 grads exist: only its excess counts.
@@ -443,29 +453,40 @@ def _backward_end(model: ModelFacts, s: Setting, world: int, buffers: DsBuffers,
         param.grad counted above). Untied, only ZeRO-2/3 copy the embedding grad.
       * DeepSpeed's reduction of a full bucket: ZeRO-3 flattens it and reduce-scatters through a
         second buffer of its size (stage3.py __avg_scatter_grads -> reduce_scatter_coalesced,
-        :2102-2118); with optimizer offload the second is an fp32 copy of the largest param's grad
-        on its way to the host. ZeRO-2 with offload: an fp32 tensor of all Ψ elements, made
-        during the backward on rank 0 only (seen with buckets of Ψ and of Ψ/2; its source in
-        stage_1_and_2.py was not pinned down; the plan is for the worst rank).
+        :2102-2118); with optimizer offload the second is the norm of the largest param's grad
+        partition, taken in fp64 (_constant_buffered_norm2, stage3.py:1960, in chunks of 250 M
+        elements) before it goes to the host.
+      * ZeRO-1/2 with optimizer offload: the norm of each parameter's slice in this rank's
+        partition, taken in fp64 (set_norm_for_param_grad_in_gpu, stage_1_and_2.py:1873-1886,
+        `.to(get_norm_dtype())`: fp64 wherever the device has it, CUDA included). The largest
+        slice is the largest parameter, cut to one rank's partition: 8 bytes each (on rank 0 of
+        an OPT, whose embedding comes first). Its 16-bit grad is alive too: ZeRO-1 keeps every
+        grad until it reduces after the backward; ZeRO-2 copies grads into its buckets, except a
+        parameter larger than a bucket, reduced from its own grad.
     """
     w = PRECISION_BYTES[s.precision]
     psi, head = model.parameters, model.vocab * model.hidden
     offloaded = s.offload != "none"
+    largest = model.largest_layer_params
     grads = 0
     if not grads_persist:
         grads = {0: psi * w, 1: psi * w, 2: psi * w // world}.get(s.zero, 0)
-    if offloaded and s.zero >= 2:
-        grads = 0
+    if offloaded and s.zero == 2:
+        grads = w * largest if largest > buffers.reduce_bucket_size else 0
     buckets = 0 if s.zero == 3 else _ds_buffer_bytes(s, buffers)
+    if offloaded and s.zero == 1 and largest <= buffers.reduce_bucket_size:
+        # ZeRO-1 reduces after the backward, moving each grad into its bucket (the original is
+        # freed): together they are the 16-bit grads counted above. Only a parameter larger than
+        # the bucket is reduced from its own grad, next to the bucket (measured both ways).
+        buckets = 0
     copied_sum = 1 if s.zero >= 2 else 0
     tied = (2 if model.tied_embeddings else 0) * head * w + copied_sum * head * w
-    if offloaded and s.zero < 3:
-        tied -= copied_sum * head * w  # the summed grad goes straight to the host buffers
     if s.zero == 3:
         bucket = w * buffers.reduce_bucket_size
-        reduction = bucket + (FP32_BYTES * model.largest_layer_params if offloaded else bucket)
-    elif offloaded and s.zero == 2:  # measured at ZeRO-2; ZeRO-1 + offload was not measured
-        reduction = FP32_BYTES * psi
+        norm = GRAD_NORM_BYTES * min(-(-largest // world), ZERO3_NORM_CHUNK_ELEMENTS)
+        reduction = bucket + (norm if offloaded else bucket)
+    elif offloaded:
+        reduction = GRAD_NORM_BYTES * min(largest, -(-psi // world))
     else:
         reduction = 0
     return grads + buckets + max(tied, reduction)
