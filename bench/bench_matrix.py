@@ -3,6 +3,12 @@
     python bench/bench_matrix.py                 # the full product (every setting plan() can return)
     python bench/bench_matrix.py --pairwise      # the default test suite's subset
     python bench/bench_matrix.py --only fp32-Z0-nockpt-adamw8bit-chunked-acc2
+    python bench/bench_matrix.py --rows docs/matrix_rows.json --minutes 60   # a chunk of the full
+                                 # product; run again to go on where it stopped
+
+The full product takes hours on a small machine, so it can be run in chunks: with --rows, every
+finished setting is added to that file at once (written to a temp name, then renamed), settings
+already in it are skipped, and the docs table is written from every row the file holds.
 
 Each setting: a tiny OPT saved with save_pretrained (every run starts from the same weights),
 8 optimizer steps of global batch 8, killed (SIGKILL) after step 6 with a checkpoint at step 4,
@@ -10,8 +16,9 @@ resumed with --resume auto; every loss compared with a plain single-process PyTo
 (tests/matrix_reference.py: same blocks in the same order, same init, torch AdamW or bitsandbytes
 AdamW8bit, same schedule, clipping and weight-decay groups, no DeepSpeed); the steps the resumed
 run redid compared with the killed run's; the export reloaded by plain transformers against the
-run's final val perplexity. Writes the table to docs/benchmarks.md, section
-"Setting matrix (CPU, 2 ranks)".
+run's final val perplexity. Writes the table to docs/benchmarks.md: section "Setting matrix
+(CPU, 2 ranks)" for --pairwise / --only, "Setting matrix, the full product (CPU, 2 ranks)" for
+the full product and its --rows chunks.
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from tests import matrix_reference as mx  # noqa: E402
 
-SECTION = "## Setting matrix (CPU, 2 ranks)"
+SECTION = "## Setting matrix (CPU, 2 ranks)"  # the pairwise subset (and --only)
+FULL_SECTION = "## Setting matrix, the full product (CPU, 2 ranks)"  # all, or --rows chunks
 DOCS = ROOT / "docs" / "benchmarks.md"
 
 
@@ -70,7 +78,12 @@ def write_docs(rows: list[dict], which: str, wall: float) -> None:
     from bench.common import machine
 
     passed = sum(mx.passed(r) for r in rows)
-    body = (f"{SECTION}\n\n`python bench/bench_matrix.py{'' if which == 'full' else ' --' + which}`"
+    total = len(mx.full_product())
+    command = "" if which == "full" else " " + (which if which.startswith("--") else "--" + which)
+    partial = (f" **{len(rows)} of the full product's {total} settings run so far** (chunks of "
+               f"`--rows`; the rest are unmeasured)." if which.startswith("--rows") else "")
+    section = FULL_SECTION if which == "full" or which.startswith("--rows") else SECTION
+    body = (f"{section}\n\n`python bench/bench_matrix.py{command}`"
             f" on {machine()}; DeepSpeed's CPU accelerator (`DS_ACCELERATOR=cpu`), 2 gloo ranks, "
             f"tiny OPT (hidden 64, 2 layers, vocab 1024), seq_len 64, global batch "
             f"{mx.GLOBAL_BATCH}, {mx.STEPS} steps, killed after step {mx.KILL_AFTER} (checkpoint "
@@ -84,7 +97,7 @@ def write_docs(rows: list[dict], which: str, wall: float) -> None:
             f"reloads the export and reproduces the run's final val perplexity. "
             f"{passed}/{len(rows)} settings pass; {wall / 60:.1f} min in all (wall s: both "
             f"launches of a setting, import time dominating; measured on a shared host with "
-            f"other jobs running, so the spread is load, not the setting)."
+            f"other jobs running, so the spread is load, not the setting)." + partial
             + ("" if which == "full" else f" The full product ({len(mx.full_product())} "
                "settings) is `python bench/bench_matrix.py` or `pytest tests/test_matrix.py "
                "--run-slow`.")
@@ -96,8 +109,8 @@ def write_docs(rows: list[dict], which: str, wall: float) -> None:
                "overflow checks, 16-bit export).")
             + f"\n\n{table(rows)}\n")
     text = DOCS.read_text() if DOCS.exists() else ""
-    pattern = re.compile(re.escape(SECTION) + r".*?(?=\n## |\Z)", re.S)
-    text = pattern.sub(lambda _: body, text) if SECTION in text else text.rstrip() + "\n\n" + body
+    pattern = re.compile(re.escape(section) + r".*?(?=\n## |\Z)", re.S)
+    text = pattern.sub(lambda _: body, text) if section in text else text.rstrip() + "\n\n" + body
     DOCS.write_text(text)
 
 
@@ -111,6 +124,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--from-json", type=Path, help="rewrite the docs section from saved rows "
                                                    "(a --json file), training nothing")
+    ap.add_argument("--rows", type=Path, help="run the full product in chunks: skip the settings "
+                    "this file already holds, add each finished one to it at once")
+    ap.add_argument("--minutes", type=float, help="start no new setting after this many minutes")
     args = ap.parse_args(argv)
     if args.from_json:
         rows = json.loads(args.from_json.read_text())
@@ -131,14 +147,21 @@ def main(argv=None) -> int:
         print("\n".join(s.name() for s in settings))
         return 0
     t0 = time.perf_counter()
+    done = _load_rows(args.rows) if args.rows else []
+    settings = [s for s in settings if s.name() not in {r["setting"] for r in done}]
     rows = []
     with tempfile.TemporaryDirectory(prefix="ptlm_matrix_") as tmp:
         root = Path(tmp)
         data = prepare_data(root)
         init = mx.make_init(root / "init")
         for i, s in enumerate(settings):
+            if args.minutes and time.perf_counter() - t0 > 60 * args.minutes:
+                print(f"stopped after {args.minutes:g} min: {len(settings) - i} settings left")
+                break
             row = mx.run_setting(s, init, data, root / f"run{i}")
             rows.append(row)
+            if args.rows:
+                _save_rows(args.rows, done + rows)
             status = "ok" if mx.passed(row) else "FAIL"
             print(f"[{i + 1}/{len(settings)}] {s.name()}: {status} "
                   f"{json.dumps({k: row.get(k) for k in ('max_dev', 'resume_ok', 'export_ok', 'wall_s')})}"
@@ -148,9 +171,24 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     which = "pairwise" if args.pairwise else "only " + " ".join(args.only) if args.only else "full"
+    if args.rows:
+        rows, wall = done + rows, sum(r.get("wall_s") or 0 for r in done + rows)
+        complete = len(rows) == len(mx.full_product())
+        which = "full" if complete else f"--rows {args.rows}"
     if not args.no_docs:
         write_docs(rows, which, wall)
     return 0 if all(mx.passed(r) for r in rows) else 1
+
+
+def _load_rows(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def _save_rows(path: Path, rows: list[dict]) -> None:
+    """Written to a temp name, then renamed: a run killed mid-write keeps the rows it had."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(rows, indent=2))
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
