@@ -137,8 +137,10 @@ def main(argv=None) -> int:
             r["tolerance"] = by_name[r["setting"]].tolerance()  # as this module states them
             if r["setting"].startswith("fp16") and not mx.cpu_fp16_supported():
                 r.setdefault("note", "DeepSpeed's fp16 check patched (tests/cpu_fp16)")
-        write_docs(rows, "pairwise" if len(rows) == len(mx.PAIRWISE) else "full",
-                   sum(r.get("wall_s") or 0 for r in rows))
+        names = {r["setting"] for r in rows}
+        which = ("pairwise" if names == {s.name() for s in mx.PAIRWISE} else
+                 "full" if len(names) == len(mx.full_product()) else f"--rows {args.from_json}")
+        write_docs(rows, which, sum(r.get("wall_s") or 0 for r in rows))
         print(table(rows))
         return 0 if all(mx.passed(r) for r in rows) else 1
     settings = mx.PAIRWISE if args.pairwise else mx.full_product()
