@@ -18,6 +18,11 @@ from pathlib import Path
 
 from ptlm.data.inspection import first_blocks
 from ptlm.data.prepare import PrepareConfig, prepare, summary
+from ptlm.model.config import model_facts
+from ptlm.plan.facts import KNOWN_GPUS, HardwareFacts
+from ptlm.plan.memory import Job
+from ptlm.plan.planner import Rejected, evaluate, plan
+from ptlm.plan.setting import PLAIN_HF
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEMO_CORPUS = ASSETS / "demo_corpus_pt.jsonl"
@@ -53,12 +58,6 @@ def _write_model_config(folder: Path, vocab_size: int) -> Path:
 
 def _headline_plans() -> str:
     """The seed's case: plain HF vs ptlm's plan for OPT-125M, seq 1024, batch 16 on a T4."""
-    from ptlm.model.config import model_facts
-    from ptlm.plan.facts import KNOWN_GPUS, HardwareFacts
-    from ptlm.plan.memory import Job
-    from ptlm.plan.planner import Rejected, evaluate, plan
-    from ptlm.plan.setting import PLAIN_HF
-
     facts = model_facts(HEADLINE["model"])
     hw = HardwareFacts.from_spec(KNOWN_GPUS[HEADLINE["gpu"]])
     job = Job(seq_len=HEADLINE["seq_len"], global_batch=HEADLINE["global_batch"])

@@ -21,6 +21,7 @@ from ptlm.commands.flags import (
     hardware_from_args,
 )
 from ptlm.model.config import model_facts
+from ptlm.plan.dsconfig import OptimizerHyper, build_ds_config
 from ptlm.plan.facts import KNOWN_CONFIGS, GiB
 from ptlm.plan.memory import Job
 from ptlm.plan.planner import Plan, plan
@@ -92,8 +93,6 @@ def format_verify(v: dict) -> str:
 
 
 def _write_ds_config(result: Plan, args: argparse.Namespace) -> None:
-    from ptlm.plan.dsconfig import OptimizerHyper, build_ds_config
-
     config = build_ds_config(result, OptimizerHyper(lr=args.lr, weight_decay=args.weight_decay))
     args.write_ds_config.parent.mkdir(parents=True, exist_ok=True)
     args.write_ds_config.write_text(json.dumps(config, indent=2) + "\n")

@@ -17,7 +17,7 @@ from ptlm.data import tokenizer as toks
 from ptlm.data.reader import PackedDataset
 from ptlm.errors import PtlmError
 from ptlm.model.config import is_config_only_alias, max_positions, resolve_config
-from ptlm.plan import dsconfig
+from ptlm.plan import dsconfig, probe_cache
 from ptlm.plan.facts import HardwareFacts, ModelFacts
 from ptlm.plan.memory import Job
 from ptlm.plan.planner import Plan, plan
@@ -214,8 +214,6 @@ def _resolve_plan_here(cfg: RunConfig, config, seq_len: int, world_size: int,
 def plan_for(spec: str, config, seq_len: int, global_batch: int, forced: Forced, world_size: int,
              on_gpu: bool, use_probe_cache: bool = True) -> Plan:
     """plan() for this machine; a micro-batch above what `ptlm probe` saw fit here is lowered."""
-    from ptlm.plan import probe_cache
-
     forced = forced.to_dict()  # the planner takes the set knobs as a dict
     if not on_gpu:  # CPU ranks: fp32 and no ZeRO/offload unless forced (they all run there)
         forced.setdefault("precision", "fp32")
