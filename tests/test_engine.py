@@ -184,3 +184,70 @@ def test_the_probe_builds_the_engine_training_builds(tmp_path, demo_dataset, wei
     plain = AutoModelForCausalLM.from_pretrained(weights)  # plain HF, whole, on one process
     assert trained["parameters"] == sum(p.numel() for p in plain.parameters())
     assert trained["embedding_rows"] == PADDED_VOCAB
+
+
+# ------------------------------------------------------------------ fp16 at ZeRO-0: the loss scale
+
+FP16_ZERO0_SCRIPT = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, OPTConfig
+from ptlm.plan.dsconfig import OptimizerHyper
+from ptlm.plan.setting import Forced
+from ptlm.run import distributed, setup as runsetup
+from ptlm.run.engine import build_engine, gradient_scale
+
+model_dir = sys.argv[1]
+config = OPTConfig(vocab_size=256, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                   num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
+                   dropout=0.0, attention_dropout=0.0)
+torch.manual_seed(0)
+AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+distributed.init()  # one plain process: rank 0 of 1
+plan = runsetup.plan_for(model_dir, config, 32, 4, Forced(precision="fp16", zero=0,
+                         offload="none", optimizer="adamw", chunked_loss=True,
+                         checkpointing=False), 1, on_gpu=False, use_probe_cache=False)
+built = build_engine(plan, runsetup.ModelSource(spec=model_dir, config=config),
+                     OptimizerHyper(lr=1e-3))
+ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+mean, _, _ = built.engine(ids)
+built.engine.backward(mean)
+scale = gradient_scale(built.engine)
+
+# The reference: plain transformers in fp32 on the same (fp16-rounded) weights.
+ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float16).float()
+ref(input_ids=ids, labels=ids).loss.backward()
+out = {"scale": scale, "wrapper": type(built.engine.optimizer).__name__}
+for name in ("model.decoder.layers.0.fc1.weight", "model.decoder.embed_tokens.weight"):
+    got = dict(built.model.named_parameters())[name].grad.float()
+    want = dict(ref.named_parameters())[name].grad
+    out[name] = {"factor": float((got * want).sum() / (want * want).sum()),
+                 "cos": float(torch.nn.functional.cosine_similarity(got.flatten(),
+                                                                    want.flatten(), 0))}
+print("RESULT", json.dumps(out))
+distributed.shutdown()
+"""
+
+
+def test_fp16_zero0_gradients_carry_the_loss_scale_once(tmp_path):
+    """DeepSpeed's fp16 ZeRO-0 wrapper divides the gradients by its loss scale at step(), but
+    DeepSpeed 0.19's engine.backward never multiplied the loss by it: the gradients arrived
+    65,536x too small (and the small ones underflowed to zero in fp16). Measured against plain
+    transformers' fp32 gradients on the same weights: they must carry the scale exactly once
+    (before the fix the factor was 1; scaled twice, it would be the scale squared)."""
+    from tests.matrix_reference import cpu_fp16_supported
+
+    path = str(ROOT) if cpu_fp16_supported() else os.pathsep.join(
+        [str(ROOT / "tests" / "cpu_fp16"), str(ROOT)])  # see tests/cpu_fp16/sitecustomize.py
+    env = {**os.environ, "PYTHONPATH": path, "PTLM_TEST_CPU_FP16": "1", "DS_ACCELERATOR": "cpu",
+           "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    r = subprocess.run([sys.executable, "-c", FP16_ZERO0_SCRIPT, str(tmp_path / "model")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = json.loads(r.stdout.split("RESULT", 1)[1])
+    assert out["wrapper"] in ("FP16_UnfusedOptimizer", "FP16_Optimizer")
+    assert out["scale"] >= 2 ** 8  # a dynamic loss scale, not 1
+    for name in ("model.decoder.layers.0.fc1.weight", "model.decoder.embed_tokens.weight"):
+        assert out[name]["cos"] > 0.99, out
+        assert out[name]["factor"] == pytest.approx(out["scale"], rel=0.02), out

@@ -96,27 +96,9 @@ def test_matrix_pairwise(tmp_path, demo_dataset, init, setting):
     _check(mx.run_setting(setting, init, demo_dataset, tmp_path / "run"))
 
 
-# Settings the full product found wrong. fp16 at ZeRO-0 trailed the reference by 0.11 in loss
-# after 8 steps. DeepSpeed's fp16 priming step is now undone (run/engine.py
-# _undo_state_priming), and the first update matches the reference (step-2 loss 6.8831 vs
-# 6.8825; 6.8908 before). From step 3 on the run still trails (0.08 by step 8), cause not found
-# yet: strict xfail, so the test fails once the run matches. Move it to the default suite then.
-REGRESSIONS = [
-    "fp16-Z0-nockpt-adamw-chunked-acc1",
-]
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="fp16 ZeRO-0 trails the reference from step 3 (open)")
-@pytest.mark.parametrize("name", REGRESSIONS)
-def test_matrix_regressions(tmp_path, demo_dataset, init, name):
-    setting = {s.name(): s for s in mx.full_product()}[name]
-    _check(mx.run_setting(setting, init, demo_dataset, tmp_path / "run"))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("setting", [s for s in mx.full_product()
-                                     if s not in mx.PAIRWISE and s.name() not in REGRESSIONS],
+                                     if s not in mx.PAIRWISE],
                          ids=lambda s: s.name())
 def test_matrix_full(tmp_path, demo_dataset, init, setting):
     _check(mx.run_setting(setting, init, demo_dataset, tmp_path / "run"))

@@ -318,3 +318,21 @@ def test_ds_config_template_is_filled_from_the_plan_or_refused(tmp_path, demo_da
               "--zero", 2, "--max-steps", 2, check=False)
     assert r.returncode == 2 and "zero_optimization.stage" in r.stderr
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+def test_grad_norm_of_loss_scaled_fp16_gradients_is_finite():
+    """At ZeRO-0 ptlm reads the norm from the parameters' .grad itself; under fp16 they still carry
+    the loss scale there (65,536 at the start), where an fp16 sum of squares overflows: the
+    first fp16 ZeRO-0 step reported an infinite norm. Reference: the fp32 norm, then unscaled."""
+    from torch import nn
+
+    from ptlm.run.trainer import grad_norm
+
+    torch.manual_seed(0)
+    model = nn.Linear(64, 64).half()
+    grads = [torch.randn(p.shape) * 0.05 * 65536 for p in model.parameters()]
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g.half()
+    want = math.sqrt(sum(float((g.half().float() ** 2).sum()) for g in grads))
+    assert want > torch.finfo(torch.float16).max  # the case: beyond fp16's range
+    assert grad_norm(model) == pytest.approx(want, rel=1e-5)

@@ -9,6 +9,7 @@ measures exactly the engine a run with the same plan trains.
       _setup_optimizer  ptlm's optimizer (ptlm.model.optim), or DeepSpeed's own CPU Adam
       deepspeed.initialize(LossModule(model), optimizer, config)
       _undo_state_priming  fp16 at ZeRO-0: DeepSpeed's zero-gradient priming step undone
+      _scale_loss_once     fp16 at ZeRO-0: the loss scaled before backward, exactly once
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def build_engine(plan: Plan, source: ModelSource, hyper: OptimizerHyper,
                                            optimizer=optimizer, config=ds_config,
                                            lr_scheduler=lr_scheduler)
     _undo_state_priming(engine.optimizer)
+    _scale_loss_once(engine)
     name = (type(optimizer).__name__ if optimizer is not None
             else f"DeepSpeed {ds_config['optimizer']['type']}")
     return Engine(engine=engine, model=model, ds_config=ds_config, plan=plan,
@@ -70,7 +72,7 @@ def build_engine(plan: Plan, source: ModelSource, hyper: OptimizerHyper,
 
 
 # DeepSpeed's fp16 wrappers for ZeRO-0 (fp16/unfused_optimizer.py, fused_optimizer.py).
-FP16_PRIMING_WRAPPERS = ("FP16_UnfusedOptimizer", "FP16_Optimizer")
+FP16_ZERO0_WRAPPERS = ("FP16_UnfusedOptimizer", "FP16_Optimizer")
 
 
 def _undo_state_priming(wrapper) -> None:
@@ -82,7 +84,7 @@ def _undo_state_priming(wrapper) -> None:
     loss after 8 steps. Undone here: the client's state is cleared (re-created at the first
     real step, as on every other path) and the masters are copied back from the 16-bit weights
     they were cloned from, which the priming step did not touch."""
-    if type(wrapper).__name__ not in FP16_PRIMING_WRAPPERS:
+    if type(wrapper).__name__ not in FP16_ZERO0_WRAPPERS:
         return
     wrapper.optimizer.state.clear()
     if hasattr(wrapper, "fp32_groups_flat"):  # FP16_Optimizer: one flat fp32 tensor per group
@@ -92,6 +94,53 @@ def _undo_state_priming(wrapper) -> None:
     for masters, group in zip(wrapper.fp32_groups, wrapper.fp16_groups):
         for master, p in zip(masters, group):
             master.data.copy_(p.data)
+
+
+def _scale_loss_once(engine) -> None:
+    """fp16 at ZeRO-0: make engine.backward scale the loss by the wrapper's loss scale, once.
+
+    The fp16 wrappers' step() always divides the gradients by the current loss scale (65,536 at
+    the start), but DeepSpeed 0.19's engine.backward scales the loss only for ZeRO optimizers, so
+    at ZeRO-0 the loss reaches backward unscaled (DeepSpeed PR #8393, open): small fp16 gradients
+    underflow to zero (3% of them at the first step, 7% by the seventh, in the setting matrix's
+    model), the rest arrive 65,536x too small for Adam's eps, and clipping never triggers. The
+    setting matrix found it: fp16 ZeRO-0 trailed the reference by 0.08 in loss after 8 steps.
+
+    Older DeepSpeed (and the PR) scale instead by calling the wrapper's own backward(), so that
+    one is made to backpropagate as it is given, and this engine's backward multiplies the loss
+    by the scale that the wrapper's step() will divide by: one scaling on every DeepSpeed
+    version (tests/test_engine.py checks the gradients' factor)."""
+    wrapper, scaler = engine.optimizer, _zero0_loss_scaler(engine)
+    if scaler is None:
+        return
+    ds_backward = engine.backward
+
+    def backward_once(loss, create_graph=False, retain_graph=False):
+        loss.backward(create_graph=create_graph, retain_graph=retain_graph)
+
+    def backward(loss, *args, **kwargs):
+        scale = scaler.cur_scale  # constant within an optimizer step: step() updates it
+        return ds_backward(loss.float() * scale, *args, **kwargs) / scale
+
+    wrapper.backward = backward_once
+    engine.backward = backward
+
+
+def _zero0_loss_scaler(engine):
+    """The loss scaler of DeepSpeed's fp16 ZeRO-0 wrapper (None for every other optimizer, and
+    for bf16, which the same wrapper runs without scaling)."""
+    wrapper = engine.optimizer
+    if type(wrapper).__name__ not in FP16_ZERO0_WRAPPERS:
+        return None
+    scaler = getattr(wrapper, "loss_scale_config", wrapper)  # DeepSpeed < 0.19: on the wrapper
+    return scaler if getattr(scaler, "use_grad_scaling", True) else None
+
+
+def gradient_scale(engine) -> float:
+    """The factor the parameters' .grad carry between backward and step (fp16 at ZeRO-0: the
+    loss scale; 1 everywhere else): divide by it to read the true gradient."""
+    scaler = _zero0_loss_scaler(engine)
+    return 1.0 if scaler is None else float(scaler.cur_scale)
 
 
 def _ds_config(plan: Plan, hyper: OptimizerHyper, template: str | None,

@@ -26,7 +26,7 @@ from ptlm.run import checkpoint, faults, lock, report
 from ptlm.run import setup as runsetup
 from ptlm.run.config import RunConfig
 from ptlm.run.distributed import Dist, all_reduce_sum, any_rank, barrier, init
-from ptlm.run.engine import build_engine
+from ptlm.run.engine import build_engine, gradient_scale
 from ptlm.run.export import export_hf
 from ptlm.run.evaluate import EvalResult, evaluate_blocks
 from ptlm.run.schedule import (
@@ -375,7 +375,8 @@ def _micro_steps(run: Run) -> float:
         _agreed(run, lambda: _backward(run, mean, micro))
         if run.engine.is_gradient_accumulation_boundary():
             if run.plan.setting.zero == 0:
-                run.state_grad_norm = grad_norm(run.model)  # ZeRO-0: DeepSpeed does not keep it
+                # ZeRO-0: DeepSpeed does not keep it; fp16 grads still carry the loss scale here
+                run.state_grad_norm = grad_norm(run.model) / gradient_scale(run.engine)
             _agreed(run, lambda: _engine_step(run, micro))
         else:
             run.engine.step()  # between boundaries DeepSpeed only counts the micro-step
@@ -523,9 +524,11 @@ def _use_micro_batch(run: Run, micro: int, restore) -> None:
 
 
 def grad_norm(model: nn.Module) -> float:
-    """2-norm of all gradients (before clipping), as DeepSpeed's ZeRO optimizers report it."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    """2-norm of all gradients (before clipping), as DeepSpeed's ZeRO optimizers report it;
+    summed in fp32: fp16 gradients still carrying the loss scale overflow an fp16 norm."""
+    norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float32)
+             for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 def log_step(run: Run, loss: float, seconds: float, bar) -> None:
@@ -533,8 +536,8 @@ def log_step(run: Run, loss: float, seconds: float, bar) -> None:
     tokens = run.plan.global_batch * run.val.seq_len
     tps = tokens / max(seconds, 1e-9)
     lr = run.engine.get_lr()[0]
-    norm = run.engine.get_global_grad_norm()
-    norm = run.state_grad_norm if norm is None else norm
+    # ZeRO-0: ptlm's own (fp16's wrapper reports the norm still times the loss scale)
+    norm = run.state_grad_norm if run.plan.setting.zero == 0 else run.engine.get_global_grad_norm()
     mfu = (tps * run.flops_per_token / (run.dist.world_size * run.peak_flops)
            if run.peak_flops else None)
     record = {"kind": "train", "step": s.step, "epoch": run.loader.epoch, "loss": loss,
