@@ -153,16 +153,20 @@ def test_plans_default_to_cuda_and_refuse_unknown_devices():
 
 
 # Worst-rank device peaks measured on the real engine by bench/bench_zero_memory.py
-# (docs/benchmarks.md section 8, tables B, C and E; 2 CPU ranks, MiB).
+# (docs/benchmarks.md section 8, tables B, C and E; 2 CPU ranks, MiB; worst rank; C and E:
+# each rank's lowest of 3 runs, since a free the profiler misses only raises a curve).
 MEASURED_OFFLOAD_PEAKS = [
     # (layers, hidden, vocab, seq, device GiB, setting, measured MiB)
     (4, 512, 50272, 64, 16, "z1-opt", 349.6),  # table B: one bucket holds every grad
     (4, 512, 50272, 64, 16, "z2-opt", 424.7),
     (4, 512, 50272, 64, 4, "z1-opt", 390.5),  # table C: the embedding is larger than a bucket
     (4, 512, 50272, 64, 4, "z2-opt", 405.4),
-    (4, 512, 50272, 64, 4, "z3-opt", 279.0),
-    (3, 384, 16384, 32, 1.6, "z1-opt", 107.2),  # table E (not used to fit the model)
-    (3, 384, 16384, 32, 1.6, "z3-opt", 78.5),
+    (4, 512, 50272, 64, 4, "z3-opt", 277.0),
+    # table E (not used to fit the model)
+    (3, 384, 16384, 32, 1.6, "z1-opt", 107.2),
+    (3, 384, 16384, 32, 1.6, "z2-opt", 115.7),
+    (3, 384, 16384, 32, 1.6, "z3-opt", 80.3),
+    (3, 384, 16384, 32, 1.6, "z3-param", 65.9),
 ]
 
 
@@ -178,3 +182,18 @@ def test_offload_peaks_measured_on_the_real_engine(layers, hidden, vocab, seq, g
     zero, offload = BENCH.SETTINGS[name]
     predicted = BENCH._plan(args, zero, offload).memory.peak_tensor_bytes / 2**20
     assert predicted == pytest.approx(measured, rel=TOLERANCE)
+
+
+def test_repeats_keep_each_ranks_lowest_peak():
+    """--repeats: a free the profiler misses only raises a curve, so each (setting, rank) keeps
+    its lowest run, and every run's figure stays visible."""
+    def result(setting, rank, peak):
+        return {"setting": setting, "rank": rank, "offload": "optimizer",
+                "device_peak_bytes": peak, "peak_bytes": peak + 100}
+
+    runs = [[result("z2-opt", 0, 139), result("z2-opt", 1, 104)],
+            [result("z2-opt", 0, 115), result("z2-opt", 1, 110)],
+            [result("z2-opt", 0, 127), result("z2-opt", 1, 104)]]
+    best = {r["rank"]: r for r in BENCH.lowest_of(runs)}
+    assert best[0]["device_peak_bytes"] == 115 and best[0]["measured_runs"] == [139, 115, 127]
+    assert best[1]["device_peak_bytes"] == 104 and best[1]["measured_runs"] == [104, 110, 104]
