@@ -97,8 +97,7 @@ def test_matrix_pairwise(tmp_path, demo_dataset, init, setting):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("setting", [s for s in mx.full_product()
-                                     if s not in mx.PAIRWISE],
+@pytest.mark.parametrize("setting", [s for s in mx.full_product() if s not in mx.PAIRWISE],
                          ids=lambda s: s.name())
 def test_matrix_full(tmp_path, demo_dataset, init, setting):
     _check(mx.run_setting(setting, init, demo_dataset, tmp_path / "run"))

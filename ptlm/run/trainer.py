@@ -526,9 +526,13 @@ def _use_micro_batch(run: Run, micro: int, restore) -> None:
 def grad_norm(model: nn.Module) -> float:
     """2-norm of all gradients (before clipping), as DeepSpeed's ZeRO optimizers report it;
     summed in fp32: fp16 gradients still carrying the loss scale overflow an fp16 norm."""
-    norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float32)
-             for p in model.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    # get_total_norm's own foreach kernel, with an fp32 result (it takes no dtype): one launch
+    # per step on this hot path, no fp32 copy of the gradients
+    return float(torch.linalg.vector_norm(torch.stack(
+        torch._foreach_norm(grads, 2, dtype=torch.float32))))
 
 
 def log_step(run: Run, loss: float, seconds: float, bar) -> None:
