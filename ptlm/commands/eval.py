@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 
 from ptlm.data import PackedDataset
+from ptlm.data.tokenizer import same_tokenizer
 from ptlm.errors import PtlmError
+from ptlm.model.config import max_positions
 from ptlm.run.evaluate import evaluate_blocks, evaluate_text, model_forward
 
 
@@ -29,8 +31,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ptlm.model.config import max_positions
-    from ptlm.model.load import load_model
+    from ptlm.model.load import load_model  # transformers: deferred to the command's run
 
     for flag, value in (("--stride", args.stride), ("--micro-batch", args.micro_batch),
                         ("--max-blocks", args.max_blocks), ("--max-length", args.max_length)):
@@ -80,8 +81,6 @@ def run(args) -> int:
 def _check_data_tokenizer(spec: str, model, dataset: PackedDataset) -> None:
     """The data must be in the model's token ids: its tokenizer fits the embedding table and,
     when the model folder has its own tokenizer, is that tokenizer."""
-    from ptlm.data.tokenizer import same_tokenizer
-
     rows = model.get_input_embeddings().weight.shape[0]
     if dataset.vocab_size > rows:
         raise PtlmError(f"{dataset.root} was prepared with a tokenizer of {dataset.vocab_size:,} "

@@ -20,7 +20,7 @@ from ptlm.commands.flags import (
     forced_from_args,
     hardware_from_args,
 )
-from ptlm.model.config import model_facts
+from ptlm.model.config import model_facts, resolve_config
 from ptlm.plan.dsconfig import OptimizerHyper, build_ds_config
 from ptlm.plan.facts import KNOWN_CONFIGS, GiB
 from ptlm.plan.memory import Job
@@ -69,8 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
 def verify(model_spec: str, p: Plan) -> dict:
     """Measure the chosen setting's step under FakeTensorMode + MemTracker (ptlm.memtrace)."""
-    from ptlm.model.config import resolve_config
-    from ptlm.run.memtrace import measure_step
+    from ptlm.run.memtrace import measure_step  # torch: only with --verify
 
     setting = p.setting
     if setting.zero != 0 or setting.offload != "none":

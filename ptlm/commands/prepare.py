@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ptlm.data import sources
 from ptlm.data.prepare import PrepareConfig, prepare, summary
+from ptlm.model.config import max_positions, resolve_config  # transformers only when called
 from ptlm.units import parse_size
 
 
@@ -62,11 +63,6 @@ def config_from_args(args) -> PrepareConfig:
 
 
 def _model_positions(spec: str) -> int | None:
-    from ptlm.model.config import (  # transformers: only with --model
-        max_positions,
-        resolve_config,
-    )
-
     return max_positions(resolve_config(spec))
 
 

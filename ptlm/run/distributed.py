@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ptlm.errors import PtlmError
+from ptlm.run import oplocks
 
 LOG_FORMAT = "[%(asctime)s rank {rank}/{world} %(levelname)s %(name)s] %(message)s"
 # DeepSpeed's CPU backend gives each rank a POSIX shared-memory segment of ~66 MiB when every rank
@@ -82,9 +83,7 @@ def init(local_rank_arg: int | None = None) -> Dist:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    from ptlm.run.oplocks import check_op_locks
-
-    check_op_locks()  # a killed op build's lock would make DeepSpeed wait forever, silently
+    oplocks.check_op_locks()  # a killed op build's lock would make DeepSpeed wait forever, silently
     if "RANK" not in os.environ:
         _ranks_from_mpi_or_srun()
     if "RANK" not in os.environ and not _under_mpi():  # plain `python launch/train.py`

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ptlm.errors import PtlmError
+from ptlm.model.config import max_positions
 
 
 def generate(model, tok, prompt: str, max_new_tokens: int, sample: bool = False,
@@ -15,8 +16,6 @@ def generate(model, tok, prompt: str, max_new_tokens: int, sample: bool = False,
         raise PtlmError("the prompt encodes to no token; give some text")
     if max_new_tokens < 1:
         raise PtlmError(f"--max-new-tokens {max_new_tokens}: must be >= 1")
-    from ptlm.model.config import max_positions
-
     positions = max_positions(model.config)
     if positions is not None and ids.shape[1] + max_new_tokens > positions:
         raise PtlmError(f"the prompt ({ids.shape[1]} tokens) + --max-new-tokens {max_new_tokens} "

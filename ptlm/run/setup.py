@@ -22,6 +22,7 @@ from ptlm.plan.facts import HardwareFacts, ModelFacts
 from ptlm.plan.memory import Job
 from ptlm.plan.planner import Plan, plan
 from ptlm.plan.setting import Forced
+from ptlm.run import hardware as machine
 from ptlm.run.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -132,11 +133,9 @@ def hardware(world_size: int) -> HardwareFacts:
     """This machine's facts, as the planner wants them. Without a GPU the host is the device:
     its memory split across the local ranks; bf16 as DeepSpeed's CPU accelerator says (ptlm
     still trains fp32 on CPU unless --precision bf16/fp16 is forced, see plan_for)."""
-    from ptlm.run.hardware import detect
-
     local = local_world_size(world_size)
     nodes = max(1, world_size // max(local, 1))
-    hw = detect()
+    hw = machine.detect()
     if hw.gpus_per_node > 0:
         return replace(hw, gpus_per_node=local, nodes=nodes)
     host = hw.host_memory_bytes or 0
