@@ -15,10 +15,12 @@ measures exactly the engine a run with the same plan trains.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 from torch import nn
 
+from ptlm.errors import PtlmError
 from ptlm.model.load import check_vocab, embedding_rows, enable_checkpointing, load_model
 from ptlm.model.loss import LossModule
 from ptlm.model.optim import build_optimizer, full_shape
@@ -100,30 +102,56 @@ def _scale_loss_once(engine) -> None:
     """fp16 at ZeRO-0: make engine.backward scale the loss by the wrapper's loss scale, once.
 
     The fp16 wrappers' step() always divides the gradients by the current loss scale (65,536 at
-    the start), but DeepSpeed 0.19's engine.backward scales the loss only for ZeRO optimizers, so
-    at ZeRO-0 the loss reaches backward unscaled (DeepSpeed PR #8393, open): small fp16 gradients
-    underflow to zero (3% of them at the first step, 7% by the seventh, in the setting matrix's
-    model), the rest arrive 65,536x too small for Adam's eps, and clipping never triggers. The
-    setting matrix found it: fp16 ZeRO-0 trailed the reference by 0.08 in loss after 8 steps.
-
-    Older DeepSpeed (and the PR) scale instead by calling the wrapper's own backward(), so that
-    one is made to backpropagate as it is given, and this engine's backward multiplies the loss
-    by the scale that the wrapper's step() will divide by: one scaling on every DeepSpeed
-    version (tests/test_engine.py checks the gradients' factor)."""
-    wrapper, scaler = engine.optimizer, _zero0_loss_scaler(engine)
+    the start). Whether DeepSpeed's engine.backward multiplies the loss by it first depends on the
+    version: older DeepSpeed did (through the wrapper's own backward()), 0.19.8 does not for this
+    wrapper (DeepSpeed PR #8393, open), and that PR may land as an inline multiply. Unscaled, small
+    fp16 gradients underflow to zero (3% of them at the first step, 7% by the seventh, in the
+    setting matrix's model), the rest arrive 65,536x too small for Adam's eps, and clipping never
+    triggers: fp16 ZeRO-0 trailed the reference by 0.08 in loss after 8 steps. Scaled twice, every
+    step would overflow. So the behaviour is measured here, not inferred from a class or version
+    (_deepspeed_loss_factor), and ptlm multiplies only when DeepSpeed did not: one scaling on every
+    DeepSpeed version (tests/test_engine.py checks the gradients' factor under all three)."""
+    scaler = _zero0_loss_scaler(engine)
     if scaler is None:
         return
+    factor, scale = _deepspeed_loss_factor(engine), float(scaler.cur_scale)
+    if math.isclose(factor, scale, rel_tol=SCALE_MATCH_TOLERANCE):
+        log.info("fp16 ZeRO-0: DeepSpeed's backward scales the loss by %g itself", scale)
+        return
+    if not math.isclose(factor, 1.0, rel_tol=SCALE_MATCH_TOLERANCE):
+        raise PtlmError(f"fp16 ZeRO-0: DeepSpeed's backward multiplied the loss by {factor:g}, "
+                        f"neither 1 nor the loss scale {scale:g}: this DeepSpeed is not supported")
+    log.info("fp16 ZeRO-0: DeepSpeed's backward leaves the loss unscaled; ptlm scales it by the "
+             "loss scale (%g at start)", scale)
     ds_backward = engine.backward
-
-    def backward_once(loss, create_graph=False, retain_graph=False):
-        loss.backward(create_graph=create_graph, retain_graph=retain_graph)
 
     def backward(loss, *args, **kwargs):
         scale = scaler.cur_scale  # constant within an optimizer step: step() updates it
         return ds_backward(loss.float() * scale, *args, **kwargs) / scale
 
-    wrapper.backward = backward_once
     engine.backward = backward
+
+
+# The probe's factor is a power of two (the scale) or 1, exactly, in fp32: any slack would do.
+SCALE_MATCH_TOLERANCE = 1e-3
+
+
+def _deepspeed_loss_factor(engine) -> float:
+    """What DeepSpeed's engine.backward multiplies a loss by before autograd: one backward of a
+    loss made from a scalar leaf of its own (d loss / d leaf = 1), read from the leaf's .grad.
+    The leaf touches no parameter, so no gradient of the model changes; the engine's gradient
+    all-reduce (a collective over those untouched gradients) is held off for the probe, and
+    gradient accumulation's division is skipped (scale_wrt_gas=False)."""
+    import torch
+
+    leaf = torch.ones((), device=engine.device, requires_grad=True)
+    allreduce = engine.enable_backward_allreduce
+    engine.enable_backward_allreduce = False
+    try:
+        engine.backward(leaf * 1.0, scale_wrt_gas=False)
+    finally:
+        engine.enable_backward_allreduce = allreduce
+    return float(leaf.grad)
 
 
 def _zero0_loss_scaler(engine):
