@@ -399,3 +399,99 @@ def test_an_oom_back_off_keeps_a_continued_schedule(tmp_path, demo_dataset, drop
     assert [r["step"] for r in records(out, "oom_backoff")] == [n + 1]
     lrs = [x["lr"] for x in records(out, "train")]
     assert lrs[n:] == pytest.approx([lr * ratio] * n, rel=1e-9)
+
+
+# ------------------------------------------------------------------ 7. flags changed on resume
+
+@pytest.fixture(scope="module")
+def long_run(tmp_path_factory, demo_dataset, dropout_model):
+    """2 epochs at lr 3e-3, a checkpoint every 5 steps (all kept): the run others resume from."""
+    out = tmp_path_factory.mktemp("long") / "run"
+    train(demo_dataset, out, dropout_model, *COMMON, "--epochs", 2, "--save-every", 5,
+          "--keep-last", 100)
+    return out
+
+
+RESUME_AT = 5
+
+
+def resume_args(long_run, *extra):
+    return [*COMMON, "--epochs", 2, "--save-every", 5, "--keep-last", 100, "--resume",
+            long_run / checkpoint.CHECKPOINTS / checkpoint.tag_for(RESUME_AT), *extra]
+
+
+def test_a_changed_lr_on_resume_is_applied_from_the_resume_step(tmp_path, demo_dataset,
+                                                                 dropout_model, long_run):
+    """Resumed with --lr 1e-4 (the run used 3e-3): from the resume step on, every LR is the old
+    run's schedule factor times the new peak (the old run's LR / 3e-3 * 1e-4), the log and the
+    report say so, and run_config.json's lr is one that was used. It used to go on with the old
+    run's LRs while run_config.json said 0.0001."""
+    out = tmp_path / "low"
+    r = train(demo_dataset, out, dropout_model, *resume_args(long_run, "--lr", "1e-4"))
+    old = [x["lr"] for x in records(long_run, "train")][RESUME_AT:]
+    assert [x["lr"] for x in records(out, "train")] == pytest.approx(
+        [lr / 3e-3 * 1e-4 for lr in old], rel=1e-9)
+    assert f"--lr 0.0001 (the checkpoint's run: 0.003) from step {RESUME_AT + 1} on" in r.stderr
+    assert json.loads((out / "run_config.json").read_text())["optim"]["lr"] == 1e-4
+    report_text = (out / "report.md").read_text()
+    assert f"from step {RESUME_AT + 1}" in report_text and "lr 0.003 -> 0.0001" in report_text
+
+
+def _edit_checkpoint_optimizer(tag_dir, **hyper):
+    """The reference run's checkpoint, its optimizer hyper-parameters edited in place (plain
+    torch.load / torch.save of DeepSpeed's file; the marker's sizes follow)."""
+    import torch
+
+    path = model_file(tag_dir)
+    state = torch.load(path, weights_only=False)
+    for group in state["optimizer"]["param_groups"]:
+        for key, value in hyper.items():
+            if key == "weight_decay" and group[key] == 0.0:
+                continue  # the no-decay group (biases, norms) stays at 0
+            group[key] = value
+    torch.save(state, path)
+    marker = json.loads((tag_dir / checkpoint.COMPLETE).read_text())
+    marker["files"][path.name] = path.stat().st_size
+    (tag_dir / checkpoint.COMPLETE).write_text(json.dumps(marker))
+
+
+def test_changed_optimizer_flags_on_resume_are_applied(tmp_path, demo_dataset, dropout_model,
+                                                       long_run):
+    """--weight-decay / --betas / --eps changed on resume: the losses equal those of a resume
+    from a copy of the checkpoint whose optimizer state was edited to the new values (DeepSpeed's
+    own load then restores them). They used to be the old values' losses (the optimizer's
+    param groups are restored from the checkpoint). --grad-clip (not in the checkpoint) is
+    stated in the log as well."""
+    new = ["--weight-decay", "0.0", "--betas", "0.8", "0.9", "--eps", "1e-6", "--grad-clip", "0.5"]
+    edited = tmp_path / "edited"
+    shutil.copytree(long_run, edited)
+    tag_dir = edited / checkpoint.CHECKPOINTS / checkpoint.tag_for(RESUME_AT)
+    _edit_checkpoint_optimizer(tag_dir, weight_decay=0.0, betas=(0.8, 0.9), eps=1e-6)
+    ref = tmp_path / "ref"
+    train(demo_dataset, ref, dropout_model, *COMMON, "--epochs", 2, "--save-every", 5,
+          "--resume", tag_dir, *new)
+    out = tmp_path / "changed"
+    r = train(demo_dataset, out, dropout_model, *resume_args(long_run, *new))
+    assert losses(out) == losses(ref)
+    assert losses(out) != losses(long_run)[RESUME_AT:]
+    for text in ("--weight-decay 0.0 (the checkpoint's run: 0.1)",
+                 "--betas 0.8 0.9 (the checkpoint's run: 0.9 0.95)",
+                 "--eps 1e-06 (the checkpoint's run: 1e-08)",
+                 "--grad-clip 0.5 (the checkpoint's run: 1.0)"):
+        assert text in r.stderr, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("flag, value, old", [("--schedule", "linear", "cosine"),
+                                              ("--warmup-steps", "3", "None"),
+                                              ("--min-lr-ratio", "0.5", "0.1")])
+def test_a_changed_schedule_on_resume_is_refused_with_the_flag_to_use(
+        tmp_path, demo_dataset, dropout_model, long_run, flag, value, old):
+    """The LR schedule's shape is fixed when a run starts (saved in its checkpoints): a resume
+    that asks for another one is refused before step 1, naming the flag to use; nothing of it
+    is recorded (it used to train with the old schedule and record the new one)."""
+    out = tmp_path / "sched"
+    r = train(demo_dataset, out, dropout_model, *resume_args(long_run, flag, value), check=False)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and f"{flag} {value}" in r.stderr
+    assert f"the checkpoint's run used {old}" in r.stderr or "give no " + flag in r.stderr
+    assert not (out / "run_config.json").exists() and not (out / "metrics.jsonl").exists()

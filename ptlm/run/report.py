@@ -21,15 +21,18 @@ class MetricsLog:
 
     def __init__(self, run_dir: Path, enabled: bool) -> None:
         self.enabled = enabled
-        self._tb = None
-        if not enabled:
-            return
-        self.path = Path(run_dir) / METRICS
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / METRICS
+        self._file = self._tb = None
+
+    def _open(self) -> None:
+        """At the first record, not before: a run refused before step 1 (a resume check)
+        leaves no metrics file or TensorBoard folder behind."""
         self._file = open(self.path, "a", encoding="utf-8")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(run_dir) / TENSORBOARD))
+            self._tb = SummaryWriter(str(self.run_dir / TENSORBOARD))
         except ImportError:  # optional extra
             log.info("tensorboard not installed: metrics go to %s only (pip install "
                      "tensorboard)", self.path)
@@ -37,6 +40,8 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
+        if self._file is None:
+            self._open()
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None and "step" in record:
@@ -46,7 +51,7 @@ class MetricsLog:
                     self._tb.add_scalar(f"{kind}/{key}", value, record["step"])
 
     def close(self) -> None:
-        if self.enabled:
+        if self._file is not None:
             self._file.close()
             if self._tb is not None:
                 self._tb.close()

@@ -22,7 +22,7 @@ from torch import nn
 from ptlm.data.reader import PackedDataset, PackedLoader
 from ptlm.errors import PtlmError
 from ptlm.plan.planner import flops_per_token
-from ptlm.run import checkpoint, faults, lock, report
+from ptlm.run import changed, checkpoint, faults, lock, report
 from ptlm.run import setup as runsetup
 from ptlm.run.config import RunConfig
 from ptlm.run.distributed import Dist, all_reduce_sum, any_rank, barrier, init
@@ -56,6 +56,7 @@ class RunState:
     epochs: list = field(default_factory=list)
     micro_batch: int = 0  # current (an OOM back-off halves it)
     schedule: list = field(default_factory=list)  # LR schedule segments (see lr_segments)
+    changed: list = field(default_factory=list)  # flags changed on resume (ptlm.run.changed)
 
 
 @dataclass
@@ -77,6 +78,7 @@ class Run:
     resume_from: Path | None = None
     universal: bool = False
     build: object = None  # plan -> ptlm.run.engine.Engine: the engine again (OOM back-off)
+    records: dict = field(default_factory=dict)  # file name -> JSON, written once resumed
 
 
 # ------------------------------------------------------------------------------ setup
@@ -96,7 +98,7 @@ def _continue_schedule(run: Run) -> None:
     fn = SegmentedSchedule(segments)
     rewarm = run.cfg.sched.rewarm_steps
     lr = run.cfg.optim.lr
-    if rewarm and step >= last["total"] and run.total_steps > step:
+    if _rewarms(run):
         seg = {"kind": run.cfg.sched.schedule, "start": step, "warmup": rewarm,
                "total": run.total_steps, "min_lr_ratio": run.cfg.sched.min_lr_ratio,
                "from": fn(step)}
@@ -121,6 +123,15 @@ def _continue_schedule(run: Run) -> None:
                     "%d); this run stops at step %d", last["kind"], last["total"], run.total_steps)
     s.schedule = segments
     _install_schedule(run)
+
+
+def _rewarms(run: Run) -> bool:
+    """Whether this resume adds a --rewarm-steps segment: the saved schedule has ended and
+    the run goes on past it."""
+    s = run.state
+    last = s.schedule[-1] if s.schedule else base_segment(run.cfg, run.total_steps)
+    return bool(run.cfg.sched.rewarm_steps) and s.step >= last["total"] and \
+        run.total_steps > s.step
 
 
 def _install_schedule(run: Run) -> None:
@@ -173,10 +184,6 @@ def setup(cfg: RunConfig) -> Run:
     built = build(p)
     engine, model, ds_config = built.engine, built.model, built.ds_config
     if dist.is_main:
-        cfg.out.mkdir(parents=True, exist_ok=True)
-        for name, data in (("run_config.json", cfg.to_dict()), ("plan.json", p.to_dict()),
-                           ("ds_config.json", ds_config), ("engine.json", built.record())):
-            (cfg.out / name).write_text(json.dumps(data, indent=2, default=str))
         log.info("plan: %s; micro-batch %d x %d rank(s) x %d accumulation = global batch %d; "
                  "%d steps (%d per epoch)", setting.describe(), p.micro_batch, dist.world_size,
                  p.grad_accum, p.global_batch, steps, loader.steps_per_epoch)
@@ -191,7 +198,26 @@ def setup(cfg: RunConfig) -> Run:
                total_steps=steps, metrics=report.MetricsLog(cfg.out, dist.is_main),
                state=RunState(micro_batch=setting.micro_batch), resume_from=resume_from,
                universal=universal, build=build,
+               records={"run_config.json": cfg.to_dict(), "plan.json": p.to_dict(),
+                        "ds_config.json": ds_config, "engine.json": built.record()},
                flops_per_token=flops_per_token(facts, train.seq_len), peak_flops=peak)
+
+
+def write_records(run: Run) -> None:
+    """run_config.json, plan.json, ds_config.json, engine.json: written once the run is past
+    its resume checks, so a refused resume records nothing; run_config.json lists the flags
+    changed on resume with the step they apply from (its values are the ones in use now)."""
+    if not run.dist.is_main:
+        return
+    run.cfg.out.mkdir(parents=True, exist_ok=True)
+    records = dict(run.records)
+    if run.state.changed:
+        records["run_config.json"] = {**records["run_config.json"],
+                                      "changed_on_resume": run.state.changed}
+    for name, data in records.items():
+        tmp = run.cfg.out / f".{name}.tmp"
+        tmp.write_text(json.dumps(data, indent=2, default=str))
+        tmp.replace(run.cfg.out / name)
 
 
 # ------------------------------------------------------------------------------ pieces
@@ -267,10 +293,13 @@ def resume(run: Run) -> bool:
                             f"last one tried, {path}: {error}); give --resume none to start over")
         run.resume_from = path
     run.state = RunState(**client["ptlm"])
+    saved_cfg = client.get("config", {})
+    changed.check_schedule(run.cfg, saved_cfg, _rewarms(run))  # before anything is written
     run.loader.load_state_dict(client["loader"])
     _resume_micro_batch(run, lambda engine: checkpoint.load(engine, path, run.dist,
                                                             universal=run.universal))
     _continue_schedule(run)
+    _apply_changed(run, saved_cfg)
     # Training mode, as the initial eval (skipped on resume) leaves it: from_pretrained returns
     # the model in eval mode, so a resumed run of pretrained weights trained without dropout
     # until its first eval, and its losses differed from the uninterrupted run's.
@@ -281,6 +310,21 @@ def resume(run: Run) -> bool:
              " (universal)" if run.universal else "", run.state.step, run.loader.epoch,
              run.loader.consumed)
     return True
+
+
+def _apply_changed(run: Run, saved_cfg: dict) -> None:
+    """New --lr / --betas / --eps / --weight-decay / --grad-clip on resume: applied from the
+    resume step on and said so (the checkpoint restored the old values into the optimizer)."""
+    changes = changed.optimizer_changes(run.cfg, saved_cfg, run.state.step)
+    if not changes:
+        return
+    sched = run.engine.lr_scheduler
+    changed.apply(changes, sched.optimizer, sched)
+    _install_schedule(run)  # each group's LR for the next step, from the new base LR
+    for c in changes:
+        log.warning("resume: %s", changed.describe(c))
+    run.state.changed = [*run.state.changed, *changes]
+    run.metrics.write({"kind": "changed_on_resume", "step": run.state.step, "changes": changes})
 
 
 def _load_agreed(run: Run, path: Path) -> tuple[dict | None, str | None]:
@@ -648,12 +692,15 @@ def run_facts(run: Run) -> dict:
         "initial_val_ppl": (s.initial_eval or {}).get("val_ppl"),
         "final_val_ppl": (s.last_eval or {}).get("val_ppl"),
         "steps": s.step, "tokens": s.tokens, "train_seconds": s.train_seconds,
+        "notes": {"changed on resume": changed.note(s.changed)} if s.changed else {},
     }
 
 
 def train(cfg: RunConfig) -> dict:
     run = setup(cfg)
-    if not resume(run):
+    resumed = resume(run)
+    write_records(run)
+    if not resumed:
         res = run_eval(run, "initial")
         run.state.initial_eval = {"val_loss": res.loss, "val_ppl": res.ppl, "step": 0}
     train_loop(run)
