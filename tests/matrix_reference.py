@@ -42,6 +42,10 @@ class Recipe:
     warmup_ratio: float = 0.02
     seed: int = 0
     optimizer: str = "adamw"  # or "adamw8bit"
+    # Steps whose gradients overflowed (fp16): their batch is consumed, but neither the weights
+    # nor the optimizer's state nor the LR schedule move (DeepSpeed skips the update and the
+    # scheduler's step; torch.amp.GradScaler skips the optimizer's step the same way).
+    skip_steps: tuple[int, ...] = ()
     extra: dict = field(default_factory=dict)
 
 
@@ -87,6 +91,12 @@ def _schedule(opt, r: Recipe):
 
 def reference_losses(model_dir: Path, data: Path, r: Recipe) -> list[float]:
     """The loss of each of r.steps optimizer steps (before that step's update), fp32."""
+    return reference_run(model_dir, data, r)["losses"]
+
+
+def reference_run(model_dir: Path, data: Path, r: Recipe) -> dict:
+    """{"losses": each step's loss (before its update), "lrs": the LR after each step (the next
+    step's, as ptlm logs it)}, fp32."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(r.seed)
@@ -100,18 +110,21 @@ def reference_losses(model_dir: Path, data: Path, r: Recipe) -> list[float]:
         opt = torch.optim.AdamW(_groups(model, r.weight_decay), **hyper)
     sched = _schedule(opt, r)
     all_blocks = blocks(data)
-    out = []
-    for idx in global_batches(len(all_blocks), r.global_batch, r.seed, r.steps):
+    losses, lrs = [], []
+    for step, idx in enumerate(global_batches(len(all_blocks), r.global_batch, r.seed, r.steps),
+                               start=1):
         ids = torch.from_numpy(all_blocks[idx])
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        if r.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip)
-        opt.step()
-        sched.step()
+        if step not in r.skip_steps:
+            if r.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip)
+            opt.step()
+            sched.step()
         opt.zero_grad(set_to_none=True)
-        out.append(loss.item())
-    return out
+        losses.append(loss.item())
+        lrs.append(sched.get_last_lr()[0])
+    return {"losses": losses, "lrs": lrs}
 
 
 def hf_val_perplexity(model_dir: Path, data: Path, dtype="auto") -> float:
@@ -239,11 +252,13 @@ def make_init(dest: Path) -> Path:
 _REFERENCES: dict = {}
 
 
-def reference_for(init: Path, data: Path, optimizer: str) -> list[float]:
-    key = (str(init), str(data), optimizer)
+def reference_for(init: Path, data: Path, optimizer: str,
+                  skip_steps: tuple[int, ...] = ()) -> dict:
+    """The reference run's {"losses", "lrs"} for the matrix's recipe (cached per process)."""
+    key = (str(init), str(data), optimizer, skip_steps)
     if key not in _REFERENCES:
-        _REFERENCES[key] = reference_losses(init, data, Recipe(
-            global_batch=GLOBAL_BATCH, steps=STEPS, optimizer=optimizer))
+        _REFERENCES[key] = reference_run(init, data, Recipe(
+            global_batch=GLOBAL_BATCH, steps=STEPS, optimizer=optimizer, skip_steps=skip_steps))
     return _REFERENCES[key]
 
 
@@ -271,13 +286,15 @@ def _launch(init: Path, data: Path, out: Path, s: MatrixSetting, env: dict | Non
             "--lr", "3e-3", "--seed", "0", "--max-steps", str(STEPS),
             "--save-every", str(SAVE_EVERY), *s.flags()]
     path = str(ROOT)
+    env = dict(env or {})
     if s.precision == "fp16" and not cpu_fp16_supported():  # see tests/cpu_fp16/sitecustomize.py
+        env["PTLM_TEST_CPU_FP16"] = "1"
+    if env.get("PTLM_TEST_CPU_FP16") or env.get(INF_GRAD_ENV):  # both test seams live there
         path = os.pathsep.join([str(ROOT / "tests" / "cpu_fp16"), path])
-        env = {**(env or {}), "PTLM_TEST_CPU_FP16": "1"}
     base = {**os.environ, "PYTHONPATH": path, "DS_ACCELERATOR": "cpu",
             "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(RANKS),
-            "LOCAL_WORLD_SIZE": str(RANKS), **(env or {})}
+            "LOCAL_WORLD_SIZE": str(RANKS), **env}
     out.mkdir(parents=True, exist_ok=True)
     procs, logs = [], []
     for rank in range(RANKS):
@@ -301,17 +318,29 @@ def _launch(init: Path, data: Path, out: Path, s: MatrixSetting, env: dict | Non
     return SimpleNamespace(returncode=bad[0] if bad else 0, stdout=texts[0], stderr=texts[-1])
 
 
-def _train_losses(path: Path) -> dict[int, float]:
+def train_records(path: Path) -> dict[int, dict]:
+    """metrics.jsonl's train records by step."""
     import json
 
-    return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines())
+    return {r["step"]: r for r in map(json.loads, path.read_text().splitlines())
             if r.get("kind") == "train"}
 
 
-def run_setting(s: MatrixSetting, init: Path, data: Path, out: Path) -> dict:
+def _train_losses(path: Path) -> dict[int, float]:
+    return {step: r["loss"] for step, r in train_records(path).items()}
+
+
+# tests/cpu_fp16/sitecustomize.py: rank 0 puts an inf into one gradient at these steps
+INF_GRAD_ENV = "PTLM_TEST_INF_GRAD"
+
+
+def run_setting(s: MatrixSetting, init: Path, data: Path, out: Path,
+                overflow_steps: tuple[int, ...] = ()) -> dict:
     """Train s for STEPS steps, killed after KILL_AFTER and resumed (--resume auto); returns the
     row: max loss deviation from the reference, whether the resumed run redid the killed run's
-    last steps identically, whether the export reproduces the reported val perplexity."""
+    last steps identically, whether the export reproduces the reported val perplexity.
+    overflow_steps: an inf injected into one gradient on rank 0 at each (the reference skips
+    those steps' updates)."""
     import json
     import time
 
@@ -319,16 +348,18 @@ def run_setting(s: MatrixSetting, init: Path, data: Path, out: Path) -> dict:
     row = {"setting": s.name(), "steps": STEPS, "tolerance": s.tolerance()}
     if s.precision == "fp16" and not cpu_fp16_supported():
         row["note"] = "DeepSpeed's fp16 check patched (tests/cpu_fp16)"
-    killed = _launch(init, data, out, s, env={"PTLM_FAULT_KILL_AFTER_STEP": str(KILL_AFTER)})
+    inject = {INF_GRAD_ENV: ",".join(map(str, overflow_steps))} if overflow_steps else {}
+    killed = _launch(init, data, out, s, env={"PTLM_FAULT_KILL_AFTER_STEP": str(KILL_AFTER),
+                                               **inject})
     if killed.returncode == 0 or not (out / "metrics.jsonl").exists():
         return {**row, "error": "the killed run did not die after step "
                 f"{KILL_AFTER}:\n{killed.stdout[-2000:]}{killed.stderr[-4000:]}"}
     before = _train_losses(out / "metrics.jsonl")
-    resumed = _launch(init, data, out, s)
+    resumed = _launch(init, data, out, s, env=inject)
     if resumed.returncode != 0:
         return {**row, "error": f"the resumed run failed:\n{resumed.stdout[-4000:]}"}
     after = _train_losses(out / "metrics.jsonl")
-    ref = reference_for(init, data, s.optimizer)
+    ref = reference_for(init, data, s.optimizer, tuple(overflow_steps))["losses"]
     got = [after[k] for k in range(1, STEPS + 1)]
     summary = json.loads((out / "summary.json").read_text())["run"]
     ppl = hf_val_perplexity(out / "hf_model", data)

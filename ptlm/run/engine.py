@@ -10,6 +10,7 @@ measures exactly the engine a run with the same plan trains.
       deepspeed.initialize(LossModule(model), optimizer, config)
       _undo_state_priming  fp16 at ZeRO-0: DeepSpeed's zero-gradient priming step undone
       _scale_loss_once     fp16 at ZeRO-0: the loss scaled before backward, exactly once
+      _log_skipped_steps   fp16: an overflowed (skipped) step and the new loss scale logged
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ def build_engine(plan: Plan, source: ModelSource, hyper: OptimizerHyper,
                                            lr_scheduler=lr_scheduler)
     _undo_state_priming(engine.optimizer)
     _scale_loss_once(engine)
+    if plan.setting.precision == "fp16":
+        _log_skipped_steps(engine)
     name = (type(optimizer).__name__ if optimizer is not None
             else f"DeepSpeed {ds_config['optimizer']['type']}")
     return Engine(engine=engine, model=model, ds_config=ds_config, plan=plan,
@@ -152,6 +155,31 @@ def _deepspeed_loss_factor(engine) -> float:
     finally:
         engine.enable_backward_allreduce = allreduce
     return float(leaf.grad)
+
+
+def _log_skipped_steps(engine) -> None:
+    """fp16: say when DeepSpeed skipped an update because a gradient overflowed, and what the
+    loss scale became. DeepSpeed decides it on every rank alike (its overflow flag is all-reduced)
+    and counts it in engine.skipped_steps, but says so only at ZeRO-1/2/3, on rank 0's stdout;
+    the ZeRO-0 wrapper says nothing. The batch is consumed, the weights, the optimizer's state
+    and the LR schedule do not move (tests/test_fp16_overflow.py)."""
+    ds_step = engine.step
+
+    def step(*args, **kwargs):
+        skipped, scale = engine.skipped_steps, _loss_scale(engine)
+        out = ds_step(*args, **kwargs)
+        if engine.skipped_steps > skipped:
+            log.warning("fp16 gradient overflow in optimizer step %d: update skipped (weights and "
+                        "LR schedule unchanged, the batch consumed); loss scale %g -> %g",
+                        engine.global_steps, scale, _loss_scale(engine))
+        return out
+
+    engine.step = step
+
+
+def _loss_scale(engine) -> float:
+    """The fp16 loss scale of DeepSpeed's optimizer wrapper (ZeRO-0's or a ZeRO optimizer)."""
+    return float(getattr(engine.optimizer, "loss_scale", float("nan")))
 
 
 def _zero0_loss_scaler(engine):

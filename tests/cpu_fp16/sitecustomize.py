@@ -10,3 +10,34 @@ if os.environ.get("PTLM_TEST_CPU_FP16") == "1":
     from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
 
     CPU_Accelerator.is_fp16_supported = lambda self: True
+
+
+# PTLM_TEST_INF_GRAD=STEP[,STEP...] (tests/test_fp16_overflow.py): rank 0 puts one inf into one
+# gradient in the last backward of each optimizer step named (as an fp16 overflow would). Hooked on
+# a parameter's gradient, so every reduction and overflow check DeepSpeed does sees it.
+if os.environ.get("PTLM_TEST_INF_GRAD") and os.environ.get("RANK", "0") == "0":
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    _inf_steps = {int(s) for s in os.environ["PTLM_TEST_INF_GRAD"].split(",")}
+    _backward = DeepSpeedEngine.backward
+    _fired = set()
+
+    def _backward_with_inf(self, loss, *args, **kwargs):
+        step = self.global_steps + 1  # DeepSpeed counts skipped steps too
+        if step not in _inf_steps or step in _fired or not self.is_gradient_accumulation_boundary():
+            return _backward(self, loss, *args, **kwargs)
+
+        def poison(grad):
+            _fired.add(step)
+            grad = grad.clone()
+            grad.view(-1)[0] = float("inf")
+            return grad
+
+        param = next(p for p in self.module.parameters() if p.requires_grad)
+        handle = param.register_hook(poison)
+        try:
+            return _backward(self, loss, *args, **kwargs)
+        finally:
+            handle.remove()
+
+    DeepSpeedEngine.backward = _backward_with_inf
