@@ -58,7 +58,7 @@ def _write_model_config(folder: Path, vocab_size: int) -> Path:
 
 def _headline_plans() -> str:
     """The seed's case: plain HF vs ptlm's plan for OPT-125M, seq 1024, batch 16 on a T4."""
-    facts = model_facts(HEADLINE["model"])
+    facts = model_facts(HEADLINE["model"], HEADLINE["seq_len"])
     hw = HardwareFacts.from_spec(KNOWN_GPUS[HEADLINE["gpu"]])
     job = Job(seq_len=HEADLINE["seq_len"], global_batch=HEADLINE["global_batch"])
     plain = evaluate(facts, hw, job, PLAIN_HF.with_(micro_batch=job.global_batch),

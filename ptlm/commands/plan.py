@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model = model_facts(args.model)
+    model = model_facts(args.model, args.seq_len)
     hw = hardware_from_args(args)
     job = Job(seq_len=args.seq_len, global_batch=args.global_batch)
     result = plan(model, hw, job, forced_from_args(args).to_dict())

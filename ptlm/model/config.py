@@ -28,6 +28,9 @@ PROXY_ENV = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROX
 # Without network, huggingface_hub retries for ~30 s before transformers gives up: one TCP
 # connect to the hub, bounded by this, tells first.
 HUB_PROBE_TIMEOUT_S = 3.0
+# The sequence length a measured profile is fitted at when the caller names none (hand readers
+# ignore it): the activation terms are exact there and extrapolated elsewhere.
+DEFAULT_PROFILE_SEQ = 1024
 
 
 def builtin_alias(spec: str) -> str | None:
@@ -118,6 +121,9 @@ def max_positions(config) -> int | None:
     return None
 
 
-def model_facts(spec: str) -> ModelFacts:
-    """The planner's facts for `spec` (read from its config alone)."""
-    return ModelFacts.from_config(resolve_config(spec), name=display_name(spec))
+def model_facts(spec: str, seq_len: int = DEFAULT_PROFILE_SEQ) -> ModelFacts:
+    """The planner's facts for `spec` at `seq_len`: from its config alone (no weights), by a hand
+    reader or measured on the meta device and under FakeTensorMode (ptlm.model.profile)."""
+    from ptlm.model.profile import facts_for  # torch: only for architectures without a hand reader
+
+    return facts_for(resolve_config(spec), display_name(spec), seq_len)

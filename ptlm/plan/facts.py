@@ -1,9 +1,14 @@
 """What the planner knows about a model and about the machine, as plain numbers.
 
-`ModelFacts` is read from a transformers config alone (no weights are loaded, nothing is
-instantiated): parameter counts follow each architecture's module definitions in transformers, so
-they equal `sum(p.numel() for p in model.parameters())` (tied embeddings counted once; the tests
-check this against real models built on the meta device).
+`ModelFacts` comes one of two ways, both giving the same numbers (tests check each hand reader
+against the measured path):
+- a hand reader (`ModelFacts.from_config`) for the families whose formulas are written out here
+  (OPT, GPT-2, Llama, Mistral, Qwen2): parameter counts follow each architecture's module
+  definitions in transformers, from the config alone, no torch;
+- measured, for any causal LM transformers can build (`ptlm.model.profile.measured_facts`): the
+  parameter counts from the model built on the meta device, and an `ActivationProfile` traced from
+  the model's own forward and backward under FakeTensorMode. This layer imports no torch: the
+  profile arrives here as plain numbers.
 
 `HardwareFacts` describes the GPUs, how many, and the host. `KNOWN_GPUS` holds vendor figures for
 common cards; `ptlm.hardware.detect()` is the only code that asks torch/psutil about this machine.
@@ -32,6 +37,53 @@ GPT2_DEFAULT_FFN_MULTIPLE = 4
 
 
 @dataclass(frozen=True)
+class LayerActivations:
+    """Bytes one decoder layer holds, per token of a micro-batch, averaged over the model's layers
+    (sliding-window, full-attention, convolution or recurrent layers weighted by their count).
+    Each figure is `a + b * seq_len` per token: `b` is the attention's per-position term (eager
+    attention keeps its seq x seq scores; SDPA's kernels keep none)."""
+
+    saved: float  # kept from the layer's forward to its backward, without checkpointing
+    saved_per_position: float
+    checkpointed: float  # kept with activation checkpointing (the layer's input/output)
+    backward: float  # the layer's backward above what it started with: grads of activations
+    backward_per_position: float
+    backward_checkpointed: float  # the same with checkpointing: recomputation included
+    backward_checkpointed_per_position: float
+
+    def saved_bytes(self, seq_len: int, checkpointing: bool) -> float:
+        if checkpointing:
+            return self.checkpointed
+        return self.saved + self.saved_per_position * seq_len
+
+    def backward_bytes(self, seq_len: int, checkpointing: bool) -> float:
+        if checkpointing:
+            return self.backward_checkpointed + self.backward_checkpointed_per_position * seq_len
+        return self.backward + self.backward_per_position * seq_len
+
+
+# Which measured profile a precision reads: fp16 and bf16 tensors have the same sizes.
+PROFILE_PRECISIONS = {"fp32": "fp32", "bf16": "half", "fp16": "half"}
+
+
+@dataclass(frozen=True)
+class ActivationProfile:
+    """Measured per-layer activation memory, one `LayerActivations` per tensor width."""
+
+    fp32: LayerActivations
+    half: LayerActivations
+    measured_seq_lens: tuple[int, ...]  # the fit is exact at these lengths
+
+    def for_precision(self, precision: str) -> LayerActivations:
+        return getattr(self, PROFILE_PRECISIONS[precision])
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ActivationProfile":
+        return cls(fp32=LayerActivations(**d["fp32"]), half=LayerActivations(**d["half"]),
+                   measured_seq_lens=tuple(d["measured_seq_lens"]))
+
+
+@dataclass(frozen=True)
 class ModelFacts:
     name: str
     model_type: str
@@ -51,6 +103,10 @@ class ModelFacts:
     rotary: bool  # rotary position embedding (no learned table; positions is a soft limit)
     rms_norm: bool
     tied_embeddings: bool
+    # Measured activation memory (any architecture); None = the hand formulas of ptlm.plan.memory.
+    activations: ActivationProfile | None = None
+    # The chunked loss reproduces the model's logits (no soft-capping or scaling after the head).
+    chunkable_loss: bool = True
 
     @property
     def learned_positions(self) -> bool:
@@ -67,17 +123,21 @@ class ModelFacts:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelFacts":
+        d = dict(d)
+        if d.get("activations") is not None:
+            d["activations"] = ActivationProfile.from_dict(d["activations"])
         return cls(**d)
 
     @classmethod
     def from_config(cls, cfg, name: str | None = None) -> "ModelFacts":
-        """Facts from a transformers `PretrainedConfig` (or anything with the same attributes)."""
+        """Facts from a transformers `PretrainedConfig` by a hand reader (see `has_hand_reader`);
+        every other architecture is measured by ptlm.model.profile.measured_facts."""
         model_type = getattr(cfg, "model_type", None)
         reader = _READERS.get(model_type)
         if reader is None:
             raise PtlmError(
-                f"the planner does not know model_type {model_type!r} yet "
-                f"(supported: {', '.join(sorted(_READERS))}); add a reader in ptlm/facts.py")
+                f"no hand reader for model_type {model_type!r} (they exist for "
+                f"{', '.join(sorted(_READERS))}); measure it with ptlm.model.profile.measured_facts")
         facts = reader(cfg)
         default = getattr(cfg, "_name_or_path", "") or model_type
         return replace(facts, name=name or default)
@@ -167,6 +227,11 @@ def _llama_facts(cfg) -> ModelFacts:
 
 _READERS = {"opt": _opt_facts, "gpt2": _gpt2_facts, "llama": _llama_facts,
             "mistral": _llama_facts, "qwen2": _llama_facts}
+
+
+def has_hand_reader(cfg) -> bool:
+    """Whether `from_config` has exact formulas for this config's architecture."""
+    return getattr(cfg, "model_type", None) in _READERS
 
 # Published configs (the model cards' config.json, the fields that matter here), so that
 # `ptlm plan --model opt-125m` and the tests work offline. Everything else is transformers' default.

@@ -350,9 +350,10 @@ def estimate(model: ModelFacts, hw: HardwareFacts, job: Job, setting: Setting) -
         parameters=states.parameters, gradients=states.gradients,
         optimizer_states=states.optimizer_states,
         ds_buffers=_ds_buffer_bytes(setting, buffers),
-        activations=_stored_activations(model, setting, tokens, hw.device_type),
+        activations=_stored_activations(model, setting, job.seq_len, tokens, hw.device_type),
         loss=_loss_bytes(model, setting, job, tokens, hw.device_type),
-        layer_backward=_layer_backward(model, setting, tokens, grads_persist, hw.device_type)
+        layer_backward=_layer_backward(model, setting, job.seq_len, tokens, grads_persist,
+                                       hw.device_type)
         + states.backward_grads,
         fp32_grads=states.fp32_grads, flatten_copies=states.flatten_copies,
         cuda_context=gpu_fixed_bytes(hw),
@@ -547,9 +548,13 @@ def _layer_activations(model: ModelFacts, s: Setting, device_type: str = "cuda")
     return per_token
 
 
-def _stored_activations(model: ModelFacts, s: Setting, tokens: int, device_type: str) -> int:
+def _stored_activations(model: ModelFacts, s: Setting, seq_len: int, tokens: int,
+                        device_type: str) -> int:
     a = _activation_bytes(s)
-    if s.checkpointing:
+    if model.activations is not None:  # measured for this architecture (ptlm.model.profile)
+        per_layer = model.activations.for_precision(s.precision).saved_bytes(seq_len,
+                                                                              s.checkpointing)
+    elif s.checkpointing:
         per_layer = CHECKPOINT_SAVED_TENSORS_PER_LAYER * a * model.hidden
     else:
         per_layer = _layer_activations(model, s, device_type)
@@ -563,13 +568,17 @@ def loss_chunk_rows(model: ModelFacts, job: Job) -> int:
     return max(1, LOSS_LOGITS_CHUNK_BYTES // (FP32_BYTES * model.vocab))
 
 
-def _layer_backward(model: ModelFacts, s: Setting, tokens: int, grads_persist: bool,
-                    device_type: str) -> int:
+def _layer_backward(model: ModelFacts, s: Setting, seq_len: int, tokens: int,
+                    grads_persist: bool, device_type: str) -> int:
     a, h = _activation_bytes(s), model.hidden
-    per_token = a * (LAYER_GRAD_FFN_TENSORS * model.ffn + (LAYER_GRAD_HIDDEN_TENSORS
-                                                           + RESIDUAL_GRAD_TENSORS) * h)
-    if s.checkpointing:
-        per_token += _layer_activations(model, s, device_type)
+    if model.activations is not None:  # measured: recomputation included when checkpointing
+        per_token = model.activations.for_precision(s.precision).backward_bytes(seq_len,
+                                                                                s.checkpointing)
+    else:
+        per_token = a * (LAYER_GRAD_FFN_TENSORS * model.ffn + (LAYER_GRAD_HIDDEN_TENSORS
+                                                               + RESIDUAL_GRAD_TENSORS) * h)
+        if s.checkpointing:
+            per_token += _layer_activations(model, s, device_type)
     # The LM head's weight grad arrives first; with tied embeddings autograd holds it until the
     # embedding's own grad is added at the very end. Counted here unless all grads are counted.
     head_grad = 0 if grads_persist else model.vocab * h * PRECISION_BYTES[s.precision]

@@ -177,7 +177,7 @@ class Plan:
 # ----------------------------------------------------------------------------------------------
 
 def plan(model: ModelFacts, hw: HardwareFacts, job: Job, forced: dict | None = None) -> Plan:
-    forced = dict(forced or {})
+    forced = _model_constraints(model, dict(forced or {}))
     _check_inputs(model, hw, job, forced)
     fitting, rejected = [], []
     for setting in candidate_settings(hw, forced):
@@ -210,6 +210,17 @@ def _smaller_micro_batches(model: ModelFacts, hw: HardwareFacts, job: Job,
                for d in range(1, micro) if per_gpu % d == 0]
     # accumulation holds gradients through the forward: a smaller micro-batch may not fit
     return [c for c in options if isinstance(c, Candidate)]
+
+
+def _model_constraints(model: ModelFacts, forced: dict) -> dict:
+    """The knobs the architecture itself fixes, added to the forced ones."""
+    if not model.chunkable_loss:
+        if forced.get("chunked_loss"):
+            raise PtlmError(f"{model.name} transforms its logits after the LM head (soft-capping "
+                            "or scaling), which the chunked loss does not reproduce: leave "
+                            "--chunked-loss off")
+        forced["chunked_loss"] = False
+    return forced
 
 
 def _check_inputs(model: ModelFacts, hw: HardwareFacts, job: Job, forced: dict) -> None:
@@ -474,6 +485,16 @@ def _notes(model: ModelFacts, hw: HardwareFacts, job: Job, best: Candidate) -> l
                      "memory; check host RAM figures")
     if not hw.known_gpu:
         notes.append(f"{hw.gpu_name}: not in the GPU table, so tokens/s are relative figures only")
+    if not model.learned_positions and job.seq_len > model.positions:
+        notes.append(f"seq {job.seq_len} is longer than the {model.positions} positions "
+                     f"{model.name} was trained with: its position encoding has no table to run "
+                     "out of, but quality past that length is not what it was trained for")
+    if not model.chunkable_loss:
+        notes.append(f"{model.name} soft-caps or scales its logits after the LM head: the loss "
+                     "runs unchunked (full logits)")
+    if model.activations is not None:
+        notes.append("activation memory measured from the model's own forward and backward "
+                     "(FakeTensorMode), not from a hand formula")
     return notes
 
 

@@ -10,15 +10,14 @@ fake=False the same code runs for real (small configs), to cross-check the fake 
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from ptlm.errors import PtlmError
 from ptlm.model.load import load_model
+from ptlm.model.profile import fake_trace, without_attention_dropout
 from ptlm.model.loss import causal_lm_loss
 from ptlm.model.optim import build_optimizer
 from ptlm.plan.setting import PLAIN_HF, Setting
@@ -30,9 +29,6 @@ BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps smaller tensors' states in fp32
 BNB_BLOCK_SIZE = 256  # bitsandbytes blockwise quantization: one fp32 absmax per block
 BNB_QMAP_SIZE = 256  # the 8-bit dynamic quantization map, fp32
 PHASES = ("forward", "backward", "optimizer")
-# Attention-dropout fields of HF configs (GPT-2, OPT/Llama/most, BERT-likes, GPT-J/Neo).
-ATTENTION_DROPOUT_FIELDS = ("attn_pdrop", "attention_dropout", "attention_probs_dropout_prob",
-                            "attn_dropout")
 # MemTracker's reference types -> the keys of measure_step's result.
 CATEGORIES = {"Parameter": "parameters", "Buffer": "buffers", "Gradient": "gradients",
               "Optstate": "optimizer_states", "Activation": "activations", "Temp": "temporaries",
@@ -52,7 +48,7 @@ def measure_step(config, setting: Setting, seq_len: int, steps: int = 2, fake: b
     OPT-125M at 16 x 1024).
 
     attn: the attention implementation measured ("sdpa", "eager"). With SDPA the config's
-      attention dropout is zeroed for the measurement (see _without_attention_dropout), so the
+      attention dropout is zeroed for the measurement (see ptlm.model.profile.without_attention_dropout), so the
       figure is what CUDA's fused SDPA kernels allocate, not CPU's math fallback.
     engine: "torch" = the plain HF recipe (model in fp32 or 16-bit, the optimizer steps it);
       "deepspeed" = what DeepSpeed's engine holds at ZeRO-0 on one GPU with our client optimizer;
@@ -102,8 +98,8 @@ def measure_step(config, setting: Setting, seq_len: int, steps: int = 2, fake: b
         raise PtlmError(f"engine must be 'auto', 'torch' or 'deepspeed', got {engine!r}")
     start = time.perf_counter()
     if attn == "sdpa":
-        config = _without_attention_dropout(config)
-    with FakeTensorMode() if fake else contextlib.nullcontext():
+        config = without_attention_dropout(config)
+    with fake_trace() if fake else contextlib.nullcontext():
         model = load_model(config, setting.precision, attn=attn, checkpointing=setting.checkpointing)
         model.train()
         optimizer = _build(model, setting, engine, fake)
@@ -112,21 +108,6 @@ def measure_step(config, setting: Setting, seq_len: int, steps: int = 2, fake: b
                   seq_len=seq_len, micro_batch=setting.micro_batch, setting=setting.to_dict(),
                   seconds=round(time.perf_counter() - start, 2))
     return result
-
-
-def _without_attention_dropout(config):
-    """A copy of `config` with attention dropout 0, so CPU SDPA measures what CUDA SDPA allocates.
-
-    On CPU, SDPA with dropout falls back to the math kernel, which materializes the (T x T)
-    attention matrix and its dropout mask per layer; CUDA's flash and memory-efficient kernels
-    apply dropout inside, storing only an RNG seed. (GPT-2 124M, attn_pdrop=0.1, bf16, 8 x 1024:
-    20.2 GiB with the CPU fallback, 6.5 GiB without.)
-    """
-    config = copy.deepcopy(config)
-    for field in ATTENTION_DROPOUT_FIELDS:
-        if getattr(config, field, 0.0):
-            setattr(config, field, 0.0)
-    return config
 
 
 def _build(model, setting: Setting, engine: str, fake: bool) -> torch.optim.Optimizer:

@@ -17,8 +17,9 @@ from ptlm.data import tokenizer as toks
 from ptlm.data.reader import PackedDataset
 from ptlm.errors import PtlmError
 from ptlm.model.config import is_config_only_alias, max_positions, resolve_config
+from ptlm.model.profile import facts_for
 from ptlm.plan import dsconfig, probe_cache
-from ptlm.plan.facts import HardwareFacts, ModelFacts
+from ptlm.plan.facts import HardwareFacts
 from ptlm.plan.memory import Job
 from ptlm.plan.planner import Plan, plan
 from ptlm.plan.setting import Forced
@@ -223,7 +224,7 @@ def plan_for(spec: str, config, seq_len: int, global_batch: int, forced: Forced,
                             "CPU (no oneDNN fp16 kernels, e.g. AVX512-FP16/AMX-FP16); use "
                             "--precision bf16 or fp32 on CPU ranks")
     job = Job(seq_len=seq_len, global_batch=global_batch)
-    facts = ModelFacts.from_config(config, name=spec)
+    facts = facts_for(config, spec, seq_len)
     hw = hardware(world_size)
     p = plan(facts, hw, job, forced)
     if not use_probe_cache or "micro_batch" in forced:
