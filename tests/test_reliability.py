@@ -495,3 +495,52 @@ def test_a_changed_schedule_on_resume_is_refused_with_the_flag_to_use(
     assert "Traceback" not in r.stderr and f"{flag} {value}" in r.stderr
     assert f"the checkpoint's run used {old}" in r.stderr or "give no " + flag in r.stderr
     assert not (out / "run_config.json").exists() and not (out / "metrics.jsonl").exists()
+
+
+# ------------------------------------------------------------------ 8. another history's checkpoints
+
+def test_checkpoints_newer_than_the_resume_point_are_set_aside(tmp_path, demo_dataset,
+                                                               dropout_model, long_run):
+    """A finished run resumed from its own step 5 with another --grad-clip: its checkpoints
+    after step 5 belong to the abandoned history. They are moved aside (kept, with a message),
+    and every checkpoint this run saves is its own; it used to keep the old run's ones ("already
+    complete: kept as it is"), so a later --resume auto went on from weights never reported."""
+    import torch
+
+    out = tmp_path / "run"
+    shutil.copytree(long_run, out)
+    ckpts = out / checkpoint.CHECKPOINTS
+    old_tags = [tag for _, tag in checkpoint.complete_tags(ckpts)]
+    newer = [t for t in old_tags if int(t[4:]) > RESUME_AT]
+    r = train(demo_dataset, out, dropout_model, *COMMON, "--epochs", 2, "--save-every", 5,
+              "--keep-last", 100, "--grad-clip", "0.3", "--resume", ckpts / old_tags[0])
+    assert "kept as it is" not in r.stderr, r.stderr[-3000:]
+    assert f"newer than the resume point (step {RESUME_AT})" in r.stderr, r.stderr[-3000:]
+    for tag in newer:
+        aside = ckpts / f"{tag}{checkpoint.ABANDONED}"
+        assert aside.is_dir() and (aside / checkpoint.COMPLETE).exists()  # kept, not deleted
+        assert f"saved checkpoint {tag}" in r.stderr, r.stderr[-3000:]  # this run's own
+    last = newer[-1]
+    mine = torch.load(model_file(ckpts / last), weights_only=False)["module"]
+    theirs = torch.load(model_file(ckpts / f"{last}{checkpoint.ABANDONED}"),
+                        weights_only=False)["module"]
+    assert any(not torch.equal(mine[k], theirs[k]) for k in mine), "the old run's weights"
+    assert [x["step"] for x in records(out, "train")] == list(range(1, len(losses(long_run)) + 1))
+
+
+def test_a_fresh_start_sets_the_old_history_aside(tmp_path, demo_dataset, dropout_model,
+                                                  long_run):
+    """--resume none into a folder with checkpoints and metrics: the old checkpoints (which the
+    new run's saves would have 'kept as they are') and metrics.jsonl (appended to) are moved
+    aside; metrics.jsonl holds this run's records only."""
+    out = tmp_path / "run"
+    shutil.copytree(long_run, out)
+    r = train(demo_dataset, out, dropout_model, *COMMON, "--max-steps", 10, "--save-every", 5,
+              "--resume", "none")
+    assert "saved checkpoint step00000005" in r.stderr and "saved checkpoint step00000010" in r.stderr
+    ckpts = out / checkpoint.CHECKPOINTS
+    assert (ckpts / f"step00000010{checkpoint.ABANDONED}").is_dir()
+    assert [x["step"] for x in records(out, "train")] == list(range(1, 11))
+    assert [e[1] for e in evals(out)].count("initial") == 1
+    assert (out / f"metrics.jsonl{checkpoint.ABANDONED}").is_file()
+    assert "metrics.jsonl" in r.stderr and checkpoint.ABANDONED in r.stderr

@@ -38,6 +38,7 @@ CHECKPOINTS = "checkpoints"
 COMPLETE = "ptlm_complete.json"
 TAG_RE = re.compile(r"^step(\d{8})$")
 PARTIAL = ".partial"  # suffix of a checkpoint being written
+ABANDONED = ".abandoned"  # suffix of what another history (an older resume point) left
 
 
 def tag_for(step: int) -> str:
@@ -133,16 +134,49 @@ def save(engine, run_dir: Path, step: int, client_state: dict, dist: Dist,
     return final
 
 
-def set_aside(path: Path, why: str) -> Path:
-    """Rename a damaged checkpoint to TAG.damaged[-N] (kept for a look, never chosen again)."""
-    dest = path.with_name(f"{path.name}.damaged")
+def _aside(path: Path, suffix: str) -> Path:
+    """Rename path to NAME<suffix>[-N] (a free name), kept for a look and never chosen again."""
+    dest = path.with_name(f"{path.name}{suffix}")
     n = 1
     while dest.exists():
         n += 1
-        dest = path.with_name(f"{path.name}.damaged-{n}")
+        dest = path.with_name(f"{path.name}{suffix}-{n}")
     path.rename(dest)
+    return dest
+
+
+def set_aside(path: Path, why: str) -> Path:
+    """Rename a damaged checkpoint to TAG.damaged[-N] (kept for a look, never chosen again)."""
+    dest = _aside(path, ".damaged")
     log.warning("checkpoint %s is damaged (%s): moved to %s", path, why, dest.name)
     return dest
+
+
+def set_aside_newer(run_dir: Path, step: int, metrics: Path | None = None) -> list[Path]:
+    """Checkpoints of RUN after `step` (the resume point; 0: a fresh start) belong to another
+    history: the run that wrote them went on from there, this one does not. They are renamed
+    TAG.abandoned (not deleted: they may be what the user wants back), so this run's saves of
+    those steps write its own and --resume auto never picks them. On a fresh start the old
+    metrics file goes aside too (the run would append to it). Rank 0, before the first save."""
+    ckpt_dir = Path(run_dir) / CHECKPOINTS
+    newer = [tag for s, tag in complete_tags(ckpt_dir) if s > step]
+    moved = []
+    for tag in newer:
+        moved.append(_aside(ckpt_dir / tag, ABANDONED))
+        if universal_path(ckpt_dir / tag).exists():
+            _aside(universal_path(ckpt_dir / tag), ABANDONED)
+    if moved:
+        where = f"newer than the resume point (step {step})" if step else \
+            "left by an earlier run (this one starts at step 0)"
+        log.warning("checkpoints %s in %s are %s: another history's, moved aside to "
+                    "TAG%s (kept, never resumed from; delete them when not needed)",
+                    ", ".join(newer), ckpt_dir, where, ABANDONED)
+    if metrics is not None and metrics.is_file():
+        dest = _aside(metrics, ABANDONED)
+        log.warning("%s of an earlier run moved aside to %s: this run starts at step 0",
+                    metrics.name, dest.name)
+        moved.append(dest)
+    return moved
 
 
 def _fsync_dir(path: Path) -> None:

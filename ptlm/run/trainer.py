@@ -270,6 +270,7 @@ def resume(run: Run) -> bool:
     warning. Then the run's state, the data position and the LR schedule go on from it."""
     path = run.resume_from
     if path is None:
+        _set_aside_history(run, 0)
         return False
     client, error = _load_agreed(run, path)
     if client is None and run.cfg.ckpt.resume != "auto":
@@ -300,6 +301,7 @@ def resume(run: Run) -> bool:
                                                             universal=run.universal))
     _continue_schedule(run)
     _apply_changed(run, saved_cfg)
+    _set_aside_history(run, run.state.step)
     # Training mode, as the initial eval (skipped on resume) leaves it: from_pretrained returns
     # the model in eval mode, so a resumed run of pretrained weights trained without dropout
     # until its first eval, and its losses differed from the uninterrupted run's.
@@ -310,6 +312,15 @@ def resume(run: Run) -> bool:
              " (universal)" if run.universal else "", run.state.step, run.loader.epoch,
              run.loader.consumed)
     return True
+
+
+def _set_aside_history(run: Run, step: int) -> None:
+    """Checkpoints after the resume point (all of them on a fresh start) are another history's:
+    moved aside before this run saves its own (checkpoint.set_aside_newer)."""
+    if run.dist.is_main:
+        metrics = run.cfg.out / report.METRICS if step == 0 else None
+        checkpoint.set_aside_newer(run.cfg.out, step, metrics)
+    barrier()
 
 
 def _apply_changed(run: Run, saved_cfg: dict) -> None:
