@@ -25,6 +25,7 @@ import json
 import logging
 import os
 from collections import Counter
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -36,7 +37,13 @@ from torch.distributed._tools.mem_tracker import MemTracker, _ModState
 from ptlm.errors import PtlmError
 from ptlm.model.config import max_positions
 from ptlm.model.loss import causal_lm_loss, check_chunkable
-from ptlm.plan.facts import ActivationProfile, LayerActivations, ModelFacts, has_hand_reader
+from ptlm.plan.facts import (
+    ActivationProfile,
+    LayerActivations,
+    ModelFacts,
+    has_hand_activations,
+    has_hand_reader,
+)
 from ptlm.plan.probe_cache import CACHE_ENV
 
 log = logging.getLogger(__name__)
@@ -148,10 +155,13 @@ def _not_causal_lm(config, e: Exception) -> str:
 
 
 def facts_for(config, name: str, seq_len: int) -> ModelFacts:
-    """The planner's facts for `config`: a hand reader where one is exact (OPT, GPT-2, Llama,
-    Mistral, Qwen2: no tracing), measured for every other architecture."""
-    if has_hand_reader(config):
+    """The planner's facts for `config`: hand formulas where they are exact (OPT and GPT-2
+    entirely, no tracing; the parameters of Llama, Mistral and Qwen2), measured elsewhere."""
+    if has_hand_activations(config):
         return ModelFacts.from_config(config, name=name)
+    if has_hand_reader(config):
+        facts = ModelFacts.from_config(config, name=name)
+        return replace(facts, activations=_cached_profile(config, seq_len, "sdpa"))
     return measured_facts(config, name, seq_len)
 
 
@@ -170,6 +180,16 @@ def measured_facts(config, name: str, seq_len: int) -> ModelFacts:
                        **structure)
     _write_cache(key, facts.to_dict())
     return facts
+
+
+def _cached_profile(config, seq_len: int, attention: str) -> ActivationProfile:
+    key = "activations-" + _cache_key(config, seq_len)
+    cached = _read_cache(key)
+    if cached is not None:
+        return ActivationProfile.from_dict(cached)
+    result = activation_profile(config, seq_len, attention)
+    _write_cache(key, asdict(result))
+    return result
 
 
 def _structure(config, model) -> dict:
