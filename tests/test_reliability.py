@@ -544,3 +544,36 @@ def test_a_fresh_start_sets_the_old_history_aside(tmp_path, demo_dataset, dropou
     assert [e[1] for e in evals(out)].count("initial") == 1
     assert (out / f"metrics.jsonl{checkpoint.ABANDONED}").is_file()
     assert "metrics.jsonl" in r.stderr and checkpoint.ABANDONED in r.stderr
+
+
+# ------------------------------------------------------------------ 9. a global batch that cannot be made
+
+def test_a_rounded_global_batch_is_warned_and_recorded(tmp_path, demo_dataset, dropout_model):
+    """--global-batch 7 --micro-batch 2 on one rank trains with 8 (2 x 4 accumulation): a
+    WARNING says so, and run_config.json records 8 (and what was asked). It used to log nothing
+    (the planner's note went to plan.json only) and record 7."""
+    out = tmp_path / "run"
+    r = train(demo_dataset, out, dropout_model, "--no-export", "--global-batch", 7,
+              "--micro-batch", 2, "--max-steps", 2)
+    warning = [line for line in r.stderr.splitlines() if "WARNING" in line and "--global-batch 7"
+               in line]
+    assert warning and "global batch 8" in warning[0], r.stderr[-3000:]
+    saved = json.loads((out / "run_config.json").read_text())
+    assert saved["optim"]["global_batch"] == 8 and saved["global_batch_requested"] == 7
+    seq_len = json.loads((demo_dataset / "manifest.json").read_text())["seq_len"]
+    assert [x["tokens"] for x in records(out, "train")] == [8 * seq_len, 16 * seq_len]
+
+
+def test_a_resume_refused_for_its_global_batch_names_the_rounding(tmp_path, demo_dataset,
+                                                                 dropout_model):
+    """Saved at global batch 12 (micro-batch 4 x 3); resumed with --global-batch 12 but
+    --micro-batch 5, which makes 15: the error says 12 was rounded to 15 and which micro-batches
+    make 12 (it used to say only 'Keep the global batch when resuming', which the user did)."""
+    out = tmp_path / "run"
+    train(demo_dataset, out, dropout_model, "--no-export", "--global-batch", 12,
+          "--micro-batch", 4, "--max-steps", 2)
+    r = train(demo_dataset, out, dropout_model, "--no-export", "--global-batch", 12,
+              "--micro-batch", 5, "--max-steps", 3, check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "--global-batch 12 was rounded to 15" in r.stderr, r.stderr[-3000:]
+    assert "--micro-batch 1, 2, 3, 4, 6 or 12" in r.stderr

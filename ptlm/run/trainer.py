@@ -183,6 +183,11 @@ def setup(cfg: RunConfig) -> Run:
 
     built = build(p)
     engine, model, ds_config = built.engine, built.model, built.ds_config
+    run_config = cfg.to_dict()
+    if cfg.optim.global_batch and p.global_batch != cfg.optim.global_batch:
+        _warn_rounded_global_batch(cfg, p, dist)
+        run_config["optim"]["global_batch"] = p.global_batch  # the one trained with
+        run_config["global_batch_requested"] = cfg.optim.global_batch
     if dist.is_main:
         log.info("plan: %s; micro-batch %d x %d rank(s) x %d accumulation = global batch %d; "
                  "%d steps (%d per epoch)", setting.describe(), p.micro_batch, dist.world_size,
@@ -198,9 +203,44 @@ def setup(cfg: RunConfig) -> Run:
                total_steps=steps, metrics=report.MetricsLog(cfg.out, dist.is_main),
                state=RunState(micro_batch=setting.micro_batch), resume_from=resume_from,
                universal=universal, build=build,
-               records={"run_config.json": cfg.to_dict(), "plan.json": p.to_dict(),
+               records={"run_config.json": run_config, "plan.json": p.to_dict(),
                         "ds_config.json": ds_config, "engine.json": built.record()},
                flops_per_token=flops_per_token(facts, train.seq_len), peak_flops=peak)
+
+
+def _batch_product(p, world: int) -> str:
+    return f"micro-batch {p.micro_batch} x {p.grad_accum} accumulation x {world} rank(s)"
+
+
+def _warn_rounded_global_batch(cfg: RunConfig, p, dist: Dist) -> None:
+    """The planner rounds a --global-batch that micro-batch x ranks cannot make (its note went
+    to plan.json only); a user who resumes with the same flag later deserves to know."""
+    if dist.is_main:
+        log.warning("--global-batch %d cannot be made from whole micro-batches on %d rank(s): "
+                    "training with global batch %d (%s); give --global-batch %d to ask for it, "
+                    "or a --micro-batch that divides %s sequences per rank", cfg.optim.global_batch,
+                    dist.world_size, p.global_batch, _batch_product(p, dist.world_size),
+                    p.global_batch, f"{cfg.optim.global_batch / dist.world_size:g}")
+
+
+def _check_global_batch(run: Run, saved: int) -> None:
+    """The data order depends on the global batch: a resume at another one is refused, saying
+    how this run's came about (a rounded --global-batch) and which --micro-batch makes the
+    checkpoint's on this many ranks."""
+    mine, world, asked = run.plan.global_batch, run.dist.world_size, run.cfg.optim.global_batch
+    if saved == mine:
+        return
+    why = (f" (--global-batch {asked} was rounded to {mine}: {_batch_product(run.plan, world)})"
+           if asked and asked != mine else "")
+    if saved % world:
+        fix = f"{saved} cannot be split over {world} rank(s): resume on a number that divides it"
+    else:
+        per = saved // world
+        micros = [str(d) for d in range(1, per + 1) if per % d == 0]
+        choices = micros[0] if len(micros) == 1 else f"{', '.join(micros[:-1])} or {micros[-1]}"
+        fix = f"resume with --global-batch {saved} and --micro-batch {choices}"
+    raise PtlmError(f"the checkpoint was trained with global batch {saved}, this run's is "
+                    f"{mine}{why}: the data order would change; {fix}")
 
 
 def write_records(run: Run) -> None:
@@ -296,6 +336,7 @@ def resume(run: Run) -> bool:
     run.state = RunState(**client["ptlm"])
     saved_cfg = client.get("config", {})
     changed.check_schedule(run.cfg, saved_cfg, _rewarms(run))  # before anything is written
+    _check_global_batch(run, client["loader"]["global_batch"])
     run.loader.load_state_dict(client["loader"])
     _resume_micro_batch(run, lambda engine: checkpoint.load(engine, path, run.dist,
                                                             universal=run.universal))
