@@ -1,4 +1,5 @@
-"""Shared fixtures. `gpu` and `slow` tests are skipped unless --run-gpu / --run-slow is given."""
+"""Shared fixtures. `gpu`, `slow` and `docker` tests are skipped unless --run-gpu / --run-slow /
+--run-docker is given."""
 
 from __future__ import annotations
 
@@ -22,10 +23,13 @@ DEMO_CORPUS = ROOT / "ptlm" / "assets" / "demo_corpus_pt.jsonl"
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
     parser.addoption("--run-gpu", action="store_true", help="also run tests marked gpu")
+    parser.addoption("--run-docker", action="store_true",
+                     help="also run tests marked docker (build the image and smoke-test it)")
 
 
 def pytest_collection_modifyitems(config, items):
-    for marker, option in (("slow", "--run-slow"), ("gpu", "--run-gpu")):
+    for marker, option in (("slow", "--run-slow"), ("gpu", "--run-gpu"),
+                           ("docker", "--run-docker")):
         if config.getoption(option):
             continue
         skip = pytest.mark.skip(reason=f"{marker} test: pass {option} to run it")

