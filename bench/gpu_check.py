@@ -14,7 +14,13 @@ with a note):
   headline    on an emulated 16 GB T4 (torch.cuda.set_per_process_memory_fraction, fp16): the
               plain Hugging Face setting (fp32, full logits, no checkpointing, micro-batch 16 x
               seq 1024, torch AdamW) runs out of memory; ptlm's plan for --gpu T4 trains 20 steps
-              under the same cap. Predicted vs max_memory_allocated / max_memory_reserved.
+              under the same cap. Predicted vs max_memory_allocated / max_memory_reserved. The
+              training is checked, not only its memory: real text (ptlm's Portuguese sample), and
+              each step's loss against an fp32 plain-PyTorch run of the same initial weights,
+              data order and seed on the same device (tests/matrix_reference.py), within the CPU
+              setting matrix's fp16 tolerance; steps DeepSpeed skipped on an fp16 overflow are
+              skipped by the reference too. A wrong fp16 step (gradients 65,536x too small, as
+              before the loss-scale fix) trails it far beyond that (tests/test_gpu_check.py).
   accuracy    planner accuracy: predicted peak tensors vs max_memory_allocated of `ptlm probe`
               steps, OPT-125M and OPT-1.3B, ZeRO 0/1/2/3, optimizer/parameter offload,
               checkpointing, AdamW/AdamW8bit, chunked loss on/off (run several at once: memory
@@ -28,7 +34,9 @@ with a note):
 
 --rehearse runs the same code on CPU (DeepSpeed's CPU accelerator) with a tiny OPT: the cap is
 simulated (`ptlm probe --simulate-gpu-memory`, a predicted-peak check in the plain-HF child) and
-the back-off's OOM is injected (PTLM_FAULT_OOM). No rehearsal figure is a GPU figure.
+the back-off's OOM is injected (PTLM_FAULT_OOM). The headline trains fp16 there too, with
+DeepSpeed's CPU fp16 check patched in that child (tests/cpu_fp16). No rehearsal figure is a GPU
+figure.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import math
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -59,6 +68,16 @@ MEM_OUT_ENV = "GPU_CHECK_MEM_OUT"  # the `_capped` child writes its max allocate
 STAGES = ("headline", "accuracy", "probe", "throughput", "backoff")  # the issue's items 1-5
 RUN_ORDER = ("headline", "probe", "backoff", "throughput", "accuracy")  # accuracy can run partly
 EOS = "<|endoftext|>"
+UNK = "<unk>"
+CORPUS = ROOT / "ptlm" / "assets" / "demo_corpus_pt.jsonl"  # real text: the shipped sample
+CPU_FP16 = ROOT / "tests" / "cpu_fp16"  # DeepSpeed's CPU fp16 check patched (rehearsal only)
+MATRIX_ROWS = ROOT / "docs" / "matrix_rows.json"  # the CPU setting matrix's measured rows
+HEADLINE_SEED = 0
+# Parallel capped children on one GPU: each takes up to its cap plus a CUDA context (about
+# 0.5 GiB with cuBLAS and the caching allocator's first blocks; 1 GiB to be safe), and all of them
+# within this share of the memory free at the start.
+CUDA_CONTEXT_BYTES = 1 * 2**30
+FREE_MEMORY_USABLE = 0.9
 
 
 # ============================================================================== sizes
@@ -82,12 +101,13 @@ class Sizes:
     truth_limit: int  # the true-largest search goes up to this micro-batch
     budget_s: float
     stage_min_s: dict = field(default_factory=dict)  # a stage is skipped below this much budget
+    headline_lr: float = 3e-3  # peak LR of the headline's run and of its fp32 reference
 
 
 def real_sizes(budget_s: float) -> Sizes:
     return Sizes(rehearse=False, small="opt-125m", large="opt-1.3b", seq=1024, vocab=50265,
                  train_blocks=420, headline_steps=20, throughput_steps=10, warmup_steps=3,
-                 backoff_steps=3, parallel=6, probe_global=64, truth_limit=128,
+                 backoff_steps=3, headline_lr=6e-4, parallel=6, probe_global=64, truth_limit=128,
                  budget_s=budget_s,
                  stage_min_s={"headline": 60, "probe": 60, "backoff": 40, "throughput": 70,
                               "accuracy": 60})
@@ -104,7 +124,7 @@ def rehearsal_sizes(budget_s: float, work: Path) -> Sizes:
               word_embed_proj_dim=48, **tiny).save_pretrained(large)
     return Sizes(rehearse=True, small=str(small), large=str(large), seq=32, vocab=253,
                  train_blocks=340, headline_steps=20, throughput_steps=5, warmup_steps=2,
-                 backoff_steps=2, parallel=2, probe_global=16, truth_limit=32,
+                 backoff_steps=2, headline_lr=3e-3, parallel=2, probe_global=16, truth_limit=32,
                  budget_s=budget_s,
                  stage_min_s={s: 5 for s in STAGES})
 
@@ -271,6 +291,46 @@ def child_plain_hf(argv: list[str]) -> None:
     print(json.dumps(result))
 
 
+def child_init(argv: list[str]) -> None:
+    """`_init SPEC VOCAB DEST`: the headline's initial weights, saved (fp32) so that ptlm's run
+    and the fp32 reference start from the same ones: SPEC's architecture, the embedding sized as
+    ptlm's --from-scratch sizes it for VOCAB ids, no dropout (the two runs would draw different
+    masks), seed HEADLINE_SEED."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ptlm.model.config import resolve_config
+
+    spec, vocab, dest = argv[0], int(argv[1]), argv[2]
+    config = resolve_config(spec)
+    config.vocab_size = max(config.vocab_size, -(-vocab // 8) * 8)
+    config.dropout = config.attention_dropout = config.activation_dropout = 0.0
+    torch.manual_seed(HEADLINE_SEED)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(dest)
+    print(json.dumps({"parameters": sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(
+        dest).parameters()), "vocab_size": config.vocab_size}))
+
+
+def child_reference(argv: list[str]) -> None:
+    """`_reference INIT DATA GLOBAL_BATCH STEPS LR SKIP`: the fp32 reference of the headline's run,
+    plain PyTorch + transformers on this device (tests/matrix_reference.py: the documented data
+    order, HF's own loss, torch AdamW, transformers' schedule); SKIP: comma-separated steps whose
+    update DeepSpeed skipped on an fp16 overflow ("" for none). Prints one JSON line."""
+    import torch
+
+    from tests.matrix_reference import Recipe, reference_run
+
+    init, data, gb, steps, lr = argv[0], argv[1], int(argv[2]), int(argv[3]), float(argv[4])
+    skip = tuple(int(x) for x in argv[5].split(",") if x)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t0 = time.perf_counter()
+    out = reference_run(Path(init), Path(data), Recipe(global_batch=gb, steps=steps, lr=lr,
+                                                       seed=HEADLINE_SEED, skip_steps=skip),
+                        device=device)
+    print(json.dumps({**out, "device": device, "skip_steps": list(skip),
+                      "seconds": round(time.perf_counter() - t0, 1)}))
+
+
 def child_hf_trainer(argv: list[str]) -> None:
     """`_hf_trainer SPEC DATA DS_CONFIG STEPS OUT`: the Hugging Face Trainer on the same blocks with
     the same DeepSpeed config as ptlm's run (torch AdamW, as ptlm's client optimizer). Prints one
@@ -394,6 +454,7 @@ def child_env(argv: list[str]) -> None:
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         info.update(device=p.name, total_memory=int(p.total_memory),
+                    free_memory=int(torch.cuda.mem_get_info(0)[0]),
                     capability=f"{p.major}.{p.minor}", multiprocessors=p.multi_processor_count,
                     bf16=bool(torch.cuda.is_bf16_supported()))
         try:
@@ -405,7 +466,7 @@ def child_env(argv: list[str]) -> None:
         except (OSError, subprocess.SubprocessError) as e:
             info["driver"] = f"nvidia-smi failed: {e}"
     else:
-        info.update(device="cpu", total_memory=None, driver=None, bf16=False)
+        info.update(device="cpu", total_memory=None, free_memory=None, driver=None, bf16=False)
     try:
         import bitsandbytes as bnb
 
@@ -428,7 +489,8 @@ def child_env(argv: list[str]) -> None:
 
 
 CHILDREN = {"_capped": child_capped, "_plain_hf": child_plain_hf, "_hf_trainer": child_hf_trainer,
-            "_attention": child_attention, "_env": child_env}
+            "_attention": child_attention, "_env": child_env, "_init": child_init,
+            "_reference": child_reference}
 
 
 # ============================================================================== the parent
@@ -605,28 +667,39 @@ class Check:
             raise SystemExit("gpu_check: no CUDA GPU here; use --rehearse for the CPU rehearsal")
 
     def setup_data(self) -> None:
-        """A synthetic corpus and a word-level tokenizer with OPT's vocabulary size, prepared by
-        `ptlm prepare`: training's embedding table is then OPT's (50272 rows)."""
+        """Real text (the shipped Portuguese sample, its documents repeated in a fresh shuffle
+        until there are enough blocks) and a word-level tokenizer of OPT's vocabulary size: the
+        sample's words by frequency, then filler words, never seen. Prepared by `ptlm prepare`:
+        training's embedding table is OPT's (50272 rows), and a wrong step shows in the loss
+        (uniformly random ids sit at ln(vocab) whatever the gradients are)."""
+        from collections import Counter
+
         from tokenizers import Tokenizer, models, pre_tokenizers
 
         s = self.sizes
+        docs = [json.loads(line)["text"] for line in CORPUS.read_text("utf-8").splitlines()
+                if line.strip()]
+        counts = Counter(w for d in docs for w in d.split())
+        known = [w for w, _ in counts.most_common(s.vocab - 2)]  # the rehearsal's vocab is small
+        filler = [f"w{i}" for i in range(s.vocab - 2 - len(known))]
+        vocab = {EOS: 0, UNK: 1, **{w: i for i, w in enumerate(known + filler, start=2)}}
         tok_dir = self.work / "tokenizer"
         tok_dir.mkdir(exist_ok=True)
-        vocab = {EOS: 0, **{f"w{i}": i for i in range(1, s.vocab)}}
-        tok = Tokenizer(models.WordLevel(vocab, unk_token=EOS))
+        tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
         tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
         tok.save(str(tok_dir / "tokenizer.json"))
         (tok_dir / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "bos_token": EOS,
-             "unk_token": EOS}))
-        rng = random.Random(0)
+             "unk_token": UNK}))
+        rng = random.Random(HEADLINE_SEED)
         words = int(s.train_blocks * s.seq * 1.08)
-        doc = max(50, s.seq * 2)
         corpus = self.work / "corpus.jsonl"
+        written = 0
         with open(corpus, "w") as f:
-            for _ in range(math.ceil(words / doc)):
-                ids = rng.choices(range(1, s.vocab), k=doc)
-                f.write(json.dumps({"text": " ".join(f"w{i}" for i in ids)}) + "\n")
+            while written < words:
+                for d in rng.sample(docs, len(docs)):
+                    f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
+                    written += len(d.split())
         data = self.work / "data"
         r = self.ptlm("prepare", ["prepare", str(corpus), "--tokenizer", str(tok_dir),
                                   "--seq-len", str(s.seq), "--out", str(data),
@@ -634,7 +707,9 @@ class Check:
         if r["rc"] != 0:
             raise RuntimeError(f"ptlm prepare failed: {r.get('tail')}")
         self.data = data
-        self.record["data"] = {"seq_len": s.seq, "vocab": s.vocab, "words": words,
+        self.record["data"] = {"seq_len": s.seq, "vocab": s.vocab, "words": written,
+                               "text": f"{CORPUS.name}, {len(docs)} documents repeated",
+                               "distinct_words": len(counts), "in_vocab": len(known),
                                "prepare_s": r["seconds"]}
 
     # ---------------------------------------------------------------- predictions
@@ -668,6 +743,18 @@ class Check:
         return {"peak_tensor_bytes": m.peak_tensor_bytes, "gpu_total": m.gpu_total,
                 "peak_phase": m.peak_phase}
 
+    def parallel_under(self, cap: int) -> int:
+        """How many capped children fit the device at once: each may take its whole cap (a trial
+        that does not fit runs until it hits it) plus a CUDA context, and together they must fit
+        the memory free when the check started, with a margin for fragmentation. More at once
+        would make real OOMs of the search read as "does not fit". CPU (rehearsal): no device
+        memory to share, sizes.parallel."""
+        free = self.device.get("free_memory")
+        if not free:
+            return self.sizes.parallel
+        fit = int(free * FREE_MEMORY_USABLE // (cap + CUDA_CONTEXT_BYTES))
+        return max(1, min(self.sizes.parallel, fit))
+
     def model_spec(self, which: str) -> str:
         return self.sizes.small if which == "small" else self.sizes.large
 
@@ -687,8 +774,8 @@ class Check:
         # ptlm's plan for a T4, as a user gets it, then trained under the same cap.
         plan_file = self.work / "t4_plan.json"
         flags = ["--gpu", "T4"]
-        if s.rehearse:  # CPU: fp32, no offload; the cap as the GPU's memory
-            flags = ["--gpu-memory", str(self.cap), "--no-bf16", "--precision", "fp32",
+        if s.rehearse:  # CPU: fp16 as a T4 trains (no bf16), no offload; the cap as its memory
+            flags = ["--gpu-memory", str(self.cap), "--no-bf16", "--precision", "fp16",
                      "--offload", "none"]
         r = self.ptlm("plan-t4", ["plan", "--model", s.small, "--seq-len", str(s.seq),
                                   "--global-batch", "16", *flags, "--json"], 120)
@@ -702,11 +789,23 @@ class Check:
                             "predicted": {"peak_tensor_bytes": mem["peak_tensor_bytes"],
                                           "gpu_total": mem["gpu_total"]}}
         self.t4_setting = setting
+        # The same initial weights for ptlm's run and the fp32 reference.
+        init = self.work / "init-t4"
+        r = self.run("init", [str(Path(__file__)), "_init", s.small, str(s.vocab), str(init)],
+                     180)
+        if r["rc"] != 0:
+            raise RuntimeError(f"saving the initial weights failed: {r.get('tail')}")
         out = self.work / "run-t4"
-        r = self.ptlm("train-t4", ["--model", s.small, "--from-scratch", "--data", str(self.data),
+        env = None
+        if s.rehearse:  # DeepSpeed refuses fp16 on a CPU without oneDNN fp16 kernels: patched
+            env = {"PYTHONPATH": os.pathsep.join([str(CPU_FP16), self.env["PYTHONPATH"]]),
+                   "PTLM_TEST_CPU_FP16": "1"}
+        r = self.ptlm("train-t4", ["--model", str(init), "--data", str(self.data),
                                    "--out", str(out), "--plan", str(plan_file), "--max-steps",
                                    str(s.headline_steps), "--no-export", "--eval-max-blocks", "2",
-                                   "--global-batch", "16"], 300, cap=self.cap, launch="train")
+                                   "--global-batch", "16", "--lr", str(s.headline_lr),
+                                   "--seed", str(HEADLINE_SEED)], 300, cap=self.cap, env=env,
+                      launch="train")
         train = read_metrics(out)
         steps = [m for m in train if m.get("kind") == "train"]
         rec["ptlm_run"] = {"rc": r["rc"], "seconds": r["seconds"], "steps": len(steps),
@@ -721,16 +820,42 @@ class Check:
             run["error"] = mem["peak_tensor_bytes"] / run["max_allocated"] - 1
         ok_plain = plain.get("oom") is True
         ok_ptlm = r["rc"] == 0 and len(steps) >= s.headline_steps and not run["backoffs"]
-        rec["verdict"] = {"plain_hf_out_of_memory": ok_plain, "ptlm_trained_all_steps": ok_ptlm}
-        if not (ok_plain and ok_ptlm):
+        rec["fp16_vs_fp32"] = cmp = self.compare_with_reference(
+            init, [m["loss"] for m in steps], skipped_steps((self.logs / r["log"]).read_text(
+                errors="replace")), setting.get("precision"))
+        rec["verdict"] = {"plain_hf_out_of_memory": ok_plain, "ptlm_trained_all_steps": ok_ptlm,
+                          "losses_match_the_fp32_reference": cmp.get("ok", False)}
+        if not all(rec["verdict"].values()):
             rec["status"] = "failed"
+
+    def compare_with_reference(self, init: Path, losses: list[float], skipped: list[int],
+                               precision: str | None) -> dict:
+        """Each step's loss of the T4 run against the fp32 reference's (skipping the updates
+        DeepSpeed skipped), within the CPU setting matrix's tolerance for the run's precision."""
+        s = self.sizes
+        tolerance, evidence = matrix_tolerance(precision or "fp16")
+        r = self.run("reference-fp32", [str(Path(__file__)), "_reference", str(init),
+                                        str(self.data), "16", str(s.headline_steps),
+                                        str(s.headline_lr), ",".join(map(str, skipped))], 600)
+        ref = last_json(r["stdout"])
+        if not ref:
+            return {"ok": False, "error": (r.get("tail") or "no output")[-2000:]}
+        n = min(len(losses), len(ref["losses"]))
+        devs = [abs(a - b) for a, b in zip(losses[:n], ref["losses"][:n])]
+        worst = max(devs) if devs else None
+        return {"ok": bool(devs) and n == s.headline_steps and worst <= tolerance,
+                "max_dev": worst, "tolerance": tolerance, "tolerance_from": evidence,
+                "losses": losses, "reference": ref["losses"], "skipped_steps": skipped,
+                "reference_device": ref.get("device"), "reference_seconds": r["seconds"],
+                "first_loss": losses[0] if losses else None,
+                "last_loss": losses[-1] if losses else None}
 
     # ---------------------------------------------------------------- 2. accuracy
     def accuracy(self, rec: dict) -> None:
         s = self.sizes
         grid = REHEARSAL_GRID if s.rehearse else ACCURACY_GRID
-        total = self.device.get("total_memory") or 0
-        budget_bytes = 0.8 * total if total else float("inf")
+        free = self.device.get("free_memory") or 0
+        budget_bytes = FREE_MEMORY_USABLE * free if free else float("inf")
         jobs = []
         for i, (which, micro, knobs) in enumerate(grid):
             spec = self.model_spec(which)
@@ -774,8 +899,9 @@ class Check:
             row["status"] = "ok" if trial.get("fits") else "oom"
 
         run_parallel(jobs, measure, s.parallel,
-                     weight=lambda item: max((item[1].get("predicted") or {}).get("gpu_total", 0),
-                                             item[1].get("walk_up_gpu_total", 0)),
+                     weight=lambda item: CUDA_CONTEXT_BYTES + max(
+                         (item[1].get("predicted") or {}).get("gpu_total", 0),
+                         item[1].get("walk_up_gpu_total", 0)),
                      capacity=budget_bytes)
         errs = [abs(r["error"]) for r in rows if isinstance(r.get("error"), float)]
         rec["measured"] = len(errs)
@@ -823,6 +949,9 @@ class Check:
         # probe's answer, the next micro-batch, and points up to the next option it could give.
         tried: dict[int, bool] = {}
         failed: dict[int, str] = {}
+        parallel = self.parallel_under(cap)
+        rec["truth_parallel"] = {"children": parallel, "free_memory": self.device.get(
+            "free_memory"), "per_child": cap + CUDA_CONTEXT_BYTES}
 
         def trial(m: int) -> None:
             r = self.ptlm(f"truth-{m}", [*base, "--global-batch", str(2 * m), "--micro-batch",
@@ -842,14 +971,14 @@ class Check:
         while hi - lo > 1 and self.remaining() > 30:
             if first:  # found, found+1 and points up to the next option the probe could give
                 top = min(above[0] if above else hi, hi)
-                pts = [found] + wave_points(found, top, max(s.parallel - 1, 1), [found + 1])
+                pts = [found] + wave_points(found, top, max(parallel - 1, 1), [found + 1])
                 first = False
             else:
-                pts = wave_points(lo, hi, s.parallel, [])
+                pts = wave_points(lo, hi, parallel, [])
             pts = [m for m in pts if m not in tried and m not in failed]
             if not pts:
                 break
-            run_parallel(pts, trial, s.parallel)
+            run_parallel(pts, trial, parallel)
             for m in sorted(tried):
                 if tried[m] and lo < m < hi:
                     lo = m
@@ -982,6 +1111,32 @@ class Check:
                           "continued_to_the_end": done}
         if not (halved and kept and done):
             rec["status"] = "failed"
+
+
+# ptlm/run/engine.py's warning when DeepSpeed skipped an update on an fp16 overflow.
+SKIPPED_STEP = re.compile(r"fp16 gradient overflow in optimizer step (\d+): update skipped")
+
+
+def skipped_steps(log_text: str) -> list[int]:
+    """The optimizer steps DeepSpeed skipped on an fp16 overflow, as the run logged them."""
+    return sorted({int(m) for m in SKIPPED_STEP.findall(log_text)})
+
+
+def matrix_tolerance(precision: str) -> tuple[float, str]:
+    """The largest per-step |loss - fp32 reference| the CPU setting matrix allows for a precision
+    (tests/matrix_reference.py), and what its measured rows (docs/matrix_rows.json) reached."""
+    from tests.matrix_reference import LOSS_TOLERANCE
+
+    tolerance = LOSS_TOLERANCE[precision]
+    try:
+        rows = [r for r in json.loads(MATRIX_ROWS.read_text())
+                if r["setting"].startswith(f"{precision}-") and "max_dev" in r]
+    except (OSError, ValueError):
+        rows = []
+    worst = max((r["max_dev"] for r in rows), default=None)
+    return tolerance, (f"the CPU setting matrix's {precision} tolerance; its {len(rows)} "
+                       f"{precision} rows reached at most {worst:.2e}" if rows else
+                       f"the CPU setting matrix's {precision} tolerance")
 
 
 def probe_options(global_batch: int) -> list[int]:
@@ -1135,6 +1290,17 @@ def render_md(rec: dict) -> str:
                   f"{_gib(pr.get('max_allocated'))} | {_gib(pr.get('max_reserved'))} | "
                   f"{pr.get('steps')} steps, {len(pr.get('backoffs') or [])} back-offs, final "
                   f"loss {pr.get('final_loss')} |"]
+        c = h.get("fp16_vs_fp32") or {}
+        if c.get("max_dev") is not None:
+            lines += ["", f"Training checked on real text: each step's loss of the T4 plan's run "
+                          f"vs an fp32 plain-PyTorch run from the same weights, data and seed on "
+                          f"{c.get('reference_device')}: max |dev| {c['max_dev']:.2e} (tolerance "
+                          f"{c['tolerance']:.0e}: {c.get('tolerance_from')}); loss "
+                          f"{c.get('first_loss'):.3f} -> {c.get('last_loss'):.3f}; skipped "
+                          f"(fp16 overflow) steps {c.get('skipped_steps')}; "
+                          f"{'PASS' if c.get('ok') else 'FAIL'}"]
+        elif c.get("error"):
+            lines += ["", f"fp32 reference failed: {str(c['error']).splitlines()[-1][:200]}"]
     a = st.get("accuracy", {})
     if a.get("rows"):
         lines += ["", "## 2. Planner accuracy: predicted peak tensors vs max_memory_allocated "

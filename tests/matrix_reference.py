@@ -94,13 +94,14 @@ def reference_losses(model_dir: Path, data: Path, r: Recipe) -> list[float]:
     return reference_run(model_dir, data, r)["losses"]
 
 
-def reference_run(model_dir: Path, data: Path, r: Recipe) -> dict:
+def reference_run(model_dir: Path, data: Path, r: Recipe, device: str = "cpu") -> dict:
     """{"losses": each step's loss (before its update), "lrs": the LR after each step (the next
-    step's, as ptlm logs it)}, fp32."""
+    step's, as ptlm logs it)}, fp32, on `device` (bench/gpu_check.py: the GPU it checks)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(r.seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    model.train()
     hyper = dict(lr=r.lr, betas=r.betas, eps=r.eps, weight_decay=r.weight_decay)
     if r.optimizer == "adamw8bit":
         import bitsandbytes as bnb
@@ -113,7 +114,7 @@ def reference_run(model_dir: Path, data: Path, r: Recipe) -> dict:
     losses, lrs = [], []
     for step, idx in enumerate(global_batches(len(all_blocks), r.global_batch, r.seed, r.steps),
                                start=1):
-        ids = torch.from_numpy(all_blocks[idx])
+        ids = torch.from_numpy(all_blocks[idx]).to(device)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         if step not in r.skip_steps:
@@ -272,12 +273,23 @@ def cpu_fp16_supported() -> bool:
         return False
 
 
-def _launch(init: Path, data: Path, out: Path, s: MatrixSetting, env: dict | None = None):
+# One launch of a setting (both ranks) past this is killed and recorded as a failed row: the
+# slowest of the 264 took 83 s (a first JIT build of an op can add minutes).
+LAUNCH_TIMEOUT_S = 900
+
+
+def _launch(init: Path, data: Path, out: Path, s: MatrixSetting, env: dict | None = None,
+            timeout: float | None = None):
     """Both ranks started directly (RANK/WORLD_SIZE/MASTER_* as torchrun sets them): the same
-    processes the deepspeed launcher starts, without its two extra interpreters."""
+    processes the deepspeed launcher starts, without its two extra interpreters. Each rank is
+    the leader of a process group of its own, so a launch past `timeout` (LAUNCH_TIMEOUT_S) is
+    killed with everything it started (the compilers of a JIT op build included) and returns
+    returncode None and timed_out True instead of raising."""
     import os
+    import signal
     import subprocess
     import sys
+    import time
     from types import SimpleNamespace
 
     from ptlm.run.distributed import free_port
@@ -289,7 +301,7 @@ def _launch(init: Path, data: Path, out: Path, s: MatrixSetting, env: dict | Non
     env = dict(env or {})
     if s.precision == "fp16" and not cpu_fp16_supported():  # see tests/cpu_fp16/sitecustomize.py
         env["PTLM_TEST_CPU_FP16"] = "1"
-    if env.get("PTLM_TEST_CPU_FP16") or env.get(INF_GRAD_ENV):  # both test seams live there
+    if any(k.startswith(TEST_SEAM_PREFIX) for k in env):  # the test seams live there
         path = os.pathsep.join([str(ROOT / "tests" / "cpu_fp16"), path])
     base = {**os.environ, "PYTHONPATH": path, "DS_ACCELERATOR": "cpu",
             "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MASTER_ADDR": "127.0.0.1",
@@ -301,21 +313,30 @@ def _launch(init: Path, data: Path, out: Path, s: MatrixSetting, env: dict | Non
         log = open(out.parent / f"{out.name}.rank{rank}.log", "a+")
         logs.append(log)
         procs.append(subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=log,
-                                      stderr=subprocess.STDOUT, env={
+                                      stderr=subprocess.STDOUT, start_new_session=True, env={
                                           **base, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
+    deadline = time.monotonic() + (LAUNCH_TIMEOUT_S if timeout is None else timeout)
+    codes, timed_out = [None] * len(procs), False
     try:
-        codes = [p.wait(timeout=900) for p in procs]
+        for i, p in enumerate(procs):
+            codes[i] = p.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        timed_out = True
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+        for p in procs:  # each rank's group: the rank and whatever it started
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # the group is gone: the rank and its children have all exited
+            p.wait()
     texts = []
     for log in logs:
         log.seek(0)
         texts.append(log.read())
         log.close()
     bad = [c for c in codes if c != 0]
-    return SimpleNamespace(returncode=bad[0] if bad else 0, stdout=texts[0], stderr=texts[-1])
+    return SimpleNamespace(returncode=bad[0] if bad else 0, stdout=texts[0], stderr=texts[-1],
+                           timed_out=timed_out)
 
 
 def train_records(path: Path) -> dict[int, dict]:
@@ -332,15 +353,26 @@ def _train_losses(path: Path) -> dict[int, float]:
 
 # tests/cpu_fp16/sitecustomize.py: rank 0 puts an inf into one gradient at these steps
 INF_GRAD_ENV = "PTLM_TEST_INF_GRAD"
+TEST_SEAM_PREFIX = "PTLM_TEST_"  # the variables tests/cpu_fp16/sitecustomize.py reads
+
+
+def _timed_out(row: dict, which: str, launch, timeout: float | None, t0: float) -> dict:
+    import time
+
+    limit = LAUNCH_TIMEOUT_S if timeout is None else timeout
+    return {**row, "error": f"timed out: the {which} run was still running after {limit:g} s "
+            f"(killed with its process group)\n{launch.stdout[-2000:]}",
+            "timed_out": True, "wall_s": time.perf_counter() - t0}
 
 
 def run_setting(s: MatrixSetting, init: Path, data: Path, out: Path,
-                overflow_steps: tuple[int, ...] = ()) -> dict:
+                overflow_steps: tuple[int, ...] = (), timeout: float | None = None) -> dict:
     """Train s for STEPS steps, killed after KILL_AFTER and resumed (--resume auto); returns the
     row: max loss deviation from the reference, whether the resumed run redid the killed run's
     last steps identically, whether the export reproduces the reported val perplexity.
     overflow_steps: an inf injected into one gradient on rank 0 at each (the reference skips
-    those steps' updates)."""
+    those steps' updates). timeout: each launch's (LAUNCH_TIMEOUT_S): past it, the row records
+    the error."""
     import json
     import time
 
@@ -350,12 +382,16 @@ def run_setting(s: MatrixSetting, init: Path, data: Path, out: Path,
         row["note"] = "DeepSpeed's fp16 check patched (tests/cpu_fp16)"
     inject = {INF_GRAD_ENV: ",".join(map(str, overflow_steps))} if overflow_steps else {}
     killed = _launch(init, data, out, s, env={"PTLM_FAULT_KILL_AFTER_STEP": str(KILL_AFTER),
-                                               **inject})
+                                               **inject}, timeout=timeout)
+    if killed.timed_out:
+        return _timed_out(row, "first", killed, timeout, t0)
     if killed.returncode == 0 or not (out / "metrics.jsonl").exists():
         return {**row, "error": "the killed run did not die after step "
                 f"{KILL_AFTER}:\n{killed.stdout[-2000:]}{killed.stderr[-4000:]}"}
     before = _train_losses(out / "metrics.jsonl")
-    resumed = _launch(init, data, out, s, env=inject)
+    resumed = _launch(init, data, out, s, env=inject, timeout=timeout)
+    if resumed.timed_out:
+        return _timed_out(row, "resumed", resumed, timeout, t0)
     if resumed.returncode != 0:
         return {**row, "error": f"the resumed run failed:\n{resumed.stdout[-4000:]}"}
     after = _train_losses(out / "metrics.jsonl")

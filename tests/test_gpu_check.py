@@ -30,8 +30,8 @@ def _module():
     return mod
 
 
-def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _run(args: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -54,6 +54,11 @@ def test_rehearsal_runs_every_stage(tmp_path):
     assert head["plain_hf"]["oom"] is True and head["plain_hf"]["simulated"] is True
     assert head["ptlm_run"]["steps"] == 20 and head["ptlm_run"]["backoffs"] == []
     assert head["ptlm_plan"]["predicted"]["peak_tensor_bytes"] > 0
+    # fp16 rehearsed (a T4 has no bf16), on real text, against the fp32 reference
+    assert head["ptlm_plan"]["setting"]["precision"] == "fp16"
+    cmp = head["fp16_vs_fp32"]
+    assert cmp["ok"] and cmp["max_dev"] <= cmp["tolerance"] == 1e-2, cmp
+    assert cmp["last_loss"] < cmp["first_loss"] - 0.5  # it learns the text (random ids: no)
 
     rows = st["accuracy"]["rows"]
     assert rows and all(row["status"] == "ok" and row["predicted"]["peak_tensor_bytes"] > 0
@@ -79,6 +84,22 @@ def test_rehearsal_runs_every_stage(tmp_path):
                   "## 5. OOM back-off"):
         assert title in md
     assert (tmp_path / "gpu_check_logs.tar.gz").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_the_headline_fails_on_a_broken_fp16_step(tmp_path):
+    """The check must see a wrong fp16 step: with the loss scale missing again (gradients
+    65,536x too small: ptlm before the fix, tests/cpu_fp16 PTLM_TEST_BREAK_LOSS_SCALE) the
+    T4 plan's losses trail the fp32 reference beyond the tolerance and the headline fails
+    (6.4e-02 vs 1.5e-04 fixed, in the rehearsal)."""
+    r = _run(["--rehearse", "--stages", "headline", "--out", str(tmp_path)], timeout=600,
+             env={"PTLM_TEST_BREAK_LOSS_SCALE": "1"})
+    head = json.loads((tmp_path / "gpu_check.json").read_text())["stages"]["headline"]
+    assert head["ptlm_run"]["steps"] == 20, head  # it trained: only the comparison fails
+    assert head["verdict"] == {"plain_hf_out_of_memory": True, "ptlm_trained_all_steps": True,
+                               "losses_match_the_fp32_reference": False}
+    assert head["fp16_vs_fp32"]["max_dev"] > 2 * head["fp16_vs_fp32"]["tolerance"]
+    assert head["status"] == "failed" and r.returncode == 1
 
 
 def test_a_failing_stage_is_recorded_and_the_others_run(tmp_path):
@@ -111,6 +132,23 @@ def test_search_helpers():
     text = 'DeepSpeed op built\n{"a": 1}\nnoise {"b": 2}\n{\n  "trials": {"4": {"fits": true}}\n}\n'
     assert gc.last_json(text) == {"trials": {"4": {"fits": True}}}
     assert gc.last_json("nothing") is None
+
+
+def test_the_truth_search_runs_as_many_capped_children_as_the_free_memory_holds(tmp_path):
+    """Each capped child may take its whole cap plus a CUDA context: 6 at once of a T4's cap
+    (14.75 GiB) do not fit an 80 GB H100, whose real OOMs would read as "does not fit"."""
+    gc = _module()
+    sizes = gc.real_sizes(400)
+    check = gc.Check(tmp_path / "out", tmp_path / "work", sizes, None)
+    t4 = int(14.75 * gc.GiB)
+    per_child = t4 + gc.CUDA_CONTEXT_BYTES
+    for free, want in ((79 * gc.GiB, 4), (139 * gc.GiB, 6), (20 * gc.GiB, 1), (8 * gc.GiB, 1)):
+        check.device = {"free_memory": free}
+        got = check.parallel_under(t4)
+        assert got == want, (free / gc.GiB, got)
+        assert got == 1 or got * per_child <= gc.FREE_MEMORY_USABLE * free
+    check.device = {"free_memory": None}  # the CPU rehearsal: no device memory to share
+    assert check.parallel_under(t4) == sizes.parallel
 
 
 def test_carried_wheels_match_this_environment(tmp_path):

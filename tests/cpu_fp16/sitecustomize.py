@@ -41,3 +41,22 @@ if os.environ.get("PTLM_TEST_INF_GRAD") and os.environ.get("RANK", "0") == "0":
             handle.remove()
 
     DeepSpeedEngine.backward = _backward_with_inf
+
+
+# PTLM_TEST_BREAK_LOSS_SCALE=1 (tests/test_gpu_check.py): the fp16 ZeRO-0 step as it was before
+# the loss-scale fix: ptlm no longer scales the loss, so with DeepSpeed 0.19 the gradients reach
+# the optimizer 65,536x too small. The GPU check's rehearsal must then fail.
+if os.environ.get("PTLM_TEST_BREAK_LOSS_SCALE") == "1":
+    import ptlm.run.engine
+
+    ptlm.run.engine._scale_loss_once = lambda engine: None
+
+
+# PTLM_TEST_SPAWN_CHILD=DIR (tests/test_matrix.py): the process starts a long-lived child, as a
+# rank's JIT op build starts compilers, and names it in DIR: a harness that kills the rank on a
+# timeout must take it too.
+if os.environ.get("PTLM_TEST_SPAWN_CHILD"):
+    import subprocess
+
+    _child = subprocess.Popen(["sleep", "600"])
+    open(os.path.join(os.environ["PTLM_TEST_SPAWN_CHILD"], str(_child.pid)), "w").close()
