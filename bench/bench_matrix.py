@@ -129,6 +129,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=Path, help="run the full product in chunks: skip the settings "
                     "this file already holds, add each finished one to it at once")
     ap.add_argument("--minutes", type=float, help="start no new setting after this many minutes")
+    ap.add_argument("--timeout-s", type=float, default=mx.LAUNCH_TIMEOUT_S,
+                    help="a launch of a setting past this is killed (with its process group) and "
+                         "recorded as a failed row (default %(default)g)")
     args = ap.parse_args(argv)
     if args.from_json:
         rows = json.loads(args.from_json.read_text())
@@ -164,7 +167,7 @@ def main(argv=None) -> int:
             if args.minutes and time.perf_counter() - t0 > 60 * args.minutes:
                 print(f"stopped after {args.minutes:g} min: {len(settings) - i} settings left")
                 break
-            row = mx.run_setting(s, init, data, root / f"run{i}")
+            row = mx.run_setting(s, init, data, root / f"run{i}", timeout=args.timeout_s)
             rows.append(row)
             if args.rows:
                 _save_rows(args.rows, done + rows)

@@ -101,3 +101,38 @@ def test_matrix_pairwise(tmp_path, demo_dataset, init, setting):
                          ids=lambda s: s.name())
 def test_matrix_full(tmp_path, demo_dataset, init, setting):
     _check(mx.run_setting(setting, init, demo_dataset, tmp_path / "run"))
+
+
+def _alive(pid: int) -> bool:
+    """Whether pid runs (a zombie nobody reaped yet counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_setting_past_its_timeout_is_a_failed_row_and_leaves_no_process(tmp_path, demo_dataset,
+                                                                          init):
+    """bench_matrix runs hundreds of settings: one past its timeout must record a failed row, not
+    raise TimeoutExpired and end the bench, and its kill must take what each rank started (a JIT
+    op build's compilers; here a stand-in child, tests/cpu_fp16/sitecustomize.py)."""
+    import time
+
+    setting = mx.MatrixSetting("fp32", 0, "none", False, "adamw", True, 1)
+    row = mx.run_setting(setting, init, demo_dataset, tmp_path / "row", timeout=3)
+    assert row["error"].startswith("timed out") and row["timed_out"] is True
+    assert not mx.passed(row)
+
+    children = tmp_path / "children"
+    children.mkdir()
+    t0 = time.monotonic()
+    launch = mx._launch(init, demo_dataset, tmp_path / "run", setting,
+                        env={"PTLM_TEST_SPAWN_CHILD": str(children)}, timeout=8)
+    assert launch.timed_out and time.monotonic() - t0 < 60
+    pids = [int(p.name) for p in children.iterdir()]
+    assert len(pids) == mx.RANKS  # each rank had started its child before the kill
+    deadline = time.monotonic() + 10
+    while any(map(_alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(map(_alive, pids)), pids
