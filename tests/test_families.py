@@ -1,0 +1,50 @@
+"""Training the families of tests/families.py with ptlm on 2 CPU ranks (real DeepSpeed engines),
+against the plain-PyTorch reference of the setting matrix (tests/matrix_reference.py): the same
+saved init, the same data order, fp32. The export reloads in plain transformers with the run's
+val perplexity."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.families import FAMILIES
+from tests.matrix_reference import Recipe, hf_val_perplexity, reference_run
+from tests.test_trainer import losses, train
+
+STEPS = 6
+GLOBAL_BATCH = 8
+FP32_TOLERANCE = 2e-4  # the setting matrix's fp32 bound on the loss (docs/benchmarks.md)
+
+
+def saved_init(family: str, dest):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(FAMILIES[family]()).save_pretrained(dest)
+    return dest
+
+
+def _train_like_the_reference(family, zero, tmp_path, data):
+    init = saved_init(family, tmp_path / "init")
+    out = tmp_path / "run"
+    train(data, out, init, "--global-batch", GLOBAL_BATCH, "--micro-batch", 2, "--zero", zero,
+          "--max-steps", STEPS, ranks=2, scratch=False)
+    reference = reference_run(init, data, Recipe(global_batch=GLOBAL_BATCH, steps=STEPS))
+    assert losses(out) == pytest.approx(reference["losses"], abs=FP32_TOLERANCE)
+    summary = json.loads((out / "summary.json").read_text())["run"]
+    assert hf_val_perplexity(out / "hf_model", data) == pytest.approx(summary["final_val_ppl"],
+                                                                      rel=1e-4)
+
+
+def test_qwen3_on_two_ranks_zero3_trains_like_plain_pytorch(tmp_path, demo_dataset):
+    _train_like_the_reference("qwen3", 3, tmp_path, demo_dataset)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("zero", [2, 3])
+def test_every_family_trains_like_plain_pytorch(family, zero, tmp_path, demo_dataset):
+    _train_like_the_reference(family, zero, tmp_path, demo_dataset)
