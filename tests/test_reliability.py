@@ -577,3 +577,66 @@ def test_a_resume_refused_for_its_global_batch_names_the_rounding(tmp_path, demo
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert "--global-batch 12 was rounded to 15" in r.stderr, r.stderr[-3000:]
     assert "--micro-batch 1, 2, 3, 4, 6 or 12" in r.stderr
+
+
+# ------------------------------------------------------------------ 10. a full disk
+
+def mount_small_disk(path, size):
+    """A tmpfs of `size` (e.g. '3m') at path: a real full disk. Skipped where mount is not
+    allowed (needs root, or CAP_SYS_ADMIN)."""
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                       capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()})")
+    return path
+
+
+@pytest.fixture
+def small_disks(tmp_path):
+    mounted = []
+
+    def mount(name, size):
+        mounted.append(mount_small_disk(tmp_path / name, size))
+        return mounted[-1]
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_a_full_disk_during_the_first_save_is_one_line(small_disks, demo_dataset,
+                                                       dropout_model):
+    """A 1 MiB tmpfs as --out: the first checkpoint (~1.7 MB) cannot be written. One line
+    naming the folder and its free space, exit 2, the partial checkpoint left aside; it used to
+    be a 40-line C++ traceback ('unexpected pos') that never said the disk was full."""
+    out = small_disks("tiny", "1m") / "run"
+    r = train(demo_dataset, out, dropout_model, *COMMON, "--max-steps", 4, "--save-every", 2,
+              check=False)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "enforce fail" not in r.stderr, r.stderr[-3000:]
+    error = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(error) == 1 and "disk is full" in error[0] and str(out) in error[0], error
+    assert "free" in error[0] and "step00000002" in error[0]
+    ckpts = out / checkpoint.CHECKPOINTS
+    assert checkpoint.latest_complete(ckpts) is None
+    assert not (ckpts / "step00000002").exists()
+
+
+def test_a_save_that_cannot_fit_is_refused_before_writing(small_disks, demo_dataset,
+                                                          dropout_model):
+    """A 3 MiB tmpfs: the step-2 checkpoint fits, the step-4 one cannot (the last one's size is
+    more than what is free): refused before writing anything, one line with the folder, the
+    free space and the last checkpoint's size; step 2 stays complete and resumable."""
+    out = small_disks("small", "3m") / "run"
+    r = train(demo_dataset, out, dropout_model, *COMMON, "--max-steps", 6, "--save-every", 2,
+              check=False)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "enforce fail" not in r.stderr, r.stderr[-3000:]
+    error = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(error) == 1 and "step00000004" in error[0] and str(out) in error[0], error
+    assert "free" in error[0] and "the last checkpoint took" in error[0]
+    ckpts = out / checkpoint.CHECKPOINTS
+    assert checkpoint.latest_complete(ckpts) == "step00000002"
+    assert checkpoint.damage(ckpts / "step00000002") is None
+    assert not any(p.name.startswith("step00000004") for p in ckpts.iterdir())

@@ -17,6 +17,7 @@ the newest checkpoint that is intact and loads (saying so); see docs/reliability
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import random
@@ -30,7 +31,7 @@ import torch
 
 from ptlm.errors import PtlmError
 from ptlm.run import faults
-from ptlm.run.distributed import Dist, all_reduce_sum, barrier
+from ptlm.run.distributed import Dist, all_reduce_sum, any_rank, barrier
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,10 @@ COMPLETE = "ptlm_complete.json"
 TAG_RE = re.compile(r"^step(\d{8})$")
 PARTIAL = ".partial"  # suffix of a checkpoint being written
 ABANDONED = ".abandoned"  # suffix of what another history (an older resume point) left
+# A write that fails with less than this free is a full disk: torch.save reports ENOSPC as a
+# C++ RuntimeError ("unexpected pos ..." from its zip writer), with no errno to go by.
+FULL_DISK_FREE = 16 * 2**20
+MiB = 2**20
 
 
 def tag_for(step: int) -> str:
@@ -110,10 +115,19 @@ def save(engine, run_dir: Path, step: int, client_state: dict, dist: Dist,
                 shutil.rmtree(stale)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=partial.name, client_state=client_state,
-                           save_latest=False)
-    faults.kill_at("save:after-engine", step)
-    torch.save(rng_state(), partial / f"rng_rank{dist.rank}.pt")
+    short = _space_short(ckpt_dir, tag) if dist.is_main else None
+    if any_rank(short is not None, dist.device):  # rank 0 decides: one folder, one disk
+        raise PtlmError(short or f"not enough space in {ckpt_dir} for checkpoint {tag} (rank 0)")
+    failed = None
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=partial.name, client_state=client_state,
+                               save_latest=False)
+        faults.kill_at("save:after-engine", step)
+        torch.save(rng_state(), partial / f"rng_rank{dist.rank}.pt")
+    except (OSError, RuntimeError) as e:  # every rank must learn it, or the others wait forever
+        failed = e
+    if any_rank(failed is not None, dist.device):
+        raise _save_failed(failed, ckpt_dir, partial, tag) from None
     barrier()  # every rank's files are on disk before the marker says so
     if dist.is_main:
         files = {str(p.relative_to(partial)): p.stat().st_size
@@ -143,6 +157,57 @@ def _aside(path: Path, suffix: str) -> Path:
         dest = path.with_name(f"{path.name}{suffix}-{n}")
     path.rename(dest)
     return dest
+
+
+def size_of(path: Path) -> int:
+    """Bytes of a complete checkpoint, from its marker."""
+    return sum(marker(path).get("files", {}).values())
+
+
+def _space_short(ckpt_dir: Path, tag: str) -> str | None:
+    """Before a save: why the disk cannot hold it (its free space below the size of the last
+    checkpoint, which the new one will match), or None. Rotation (--keep-last) frees the oldest
+    only after the new one is complete, so that is no help here."""
+    tags = complete_tags(ckpt_dir)
+    if not tags:
+        return None  # the first save: nothing to go by
+    last = ckpt_dir / tags[-1][1]
+    try:
+        need, free = size_of(last), shutil.disk_usage(ckpt_dir).free
+    except (OSError, ValueError):
+        return None
+    if free >= need:
+        return None
+    return (f"checkpoint {tag} not saved: {ckpt_dir} has {free / MiB:.1f} MiB free, the last "
+            f"checkpoint took {need / MiB:.1f} MiB. Free some space (or lower --keep-last), or "
+            f"give --out on a larger disk; then resume with --resume auto (from {last.name}, "
+            "complete)")
+
+
+def _save_failed(error: BaseException | None, ckpt_dir: Path, partial: Path,
+                 tag: str) -> Exception:
+    """The error for a failed save: one line naming a full disk when it is one (the raw error
+    otherwise). The partial folder stays as it is, never chosen (no marker, .partial name); the
+    next save removes it."""
+    if error is None:  # another rank failed
+        return PtlmError(f"checkpoint {tag} not saved: another rank could not write its part "
+                         f"in {ckpt_dir} (see its log)")
+    try:
+        free = shutil.disk_usage(ckpt_dir).free
+    except OSError:
+        free = None
+    full = (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) or \
+        (free is not None and free < FULL_DISK_FREE)
+    if not full:
+        return error if isinstance(error, Exception) else RuntimeError(str(error))
+    previous = complete_tags(ckpt_dir)
+    resume = (f"resume with --resume auto (from {previous[-1][1]}, complete)" if previous
+              else "run again (there is no complete checkpoint yet: it starts over)")
+    shown = "?" if free is None else f"{free / MiB:.1f}"
+    return PtlmError(f"checkpoint {tag} not saved: the disk is full ({ckpt_dir}: {shown} MiB "
+                     f"free). The partial checkpoint is left as {partial.name} (never resumed "
+                     "from; the next save removes it). Free some space (or lower --keep-last) "
+                     f"or give --out on a larger disk, then {resume}")
 
 
 def set_aside(path: Path, why: str) -> Path:
