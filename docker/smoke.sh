@@ -191,7 +191,8 @@ check_demo() {
   # CUDA_VISIBLE_DEVICES="": the demo picks the GPU when one is visible; this is the CPU run.
   CUDA_VISIBLE_DEVICES="" ptlm demo --out /runs/smoke-demo --epochs "$epochs" > /runs/smoke-demo.log 2>&1 \
     || { tail -40 /runs/smoke-demo.log; fail "ptlm demo failed (log: /runs/smoke-demo.log)"; }
-  grep -E "^=== |loss|perplexity|demo finished" /runs/smoke-demo.log | tail -12
+  tr '\r' '\n' < /runs/smoke-demo.log | grep -E "^=== |^\| |eval \(|demo finished" | grep -v "^train:" \
+    | sed 's/^\[[0-9:]* rank [0-9/]* INFO [a-z._]*\] //' | tail -14
   [ -s /runs/smoke-demo/run/report.md ] || fail "no /runs/smoke-demo/run/report.md"
   ok "ptlm demo (CPU, $epochs epochs) in $(( $(date +%s) - t0 )) s; report /runs/smoke-demo/run/report.md"
 }
@@ -226,14 +227,15 @@ check_resume() {
   done
   kill -KILL -- "-$pid"
   wait "$pid" 2>/dev/null || true
-  local first
-  first=$(find /runs/smoke-resume/checkpoints -name ptlm_complete.json | sort | head -1)
+  local last
+  first=$(find /runs/smoke-resume/checkpoints -name ptlm_complete.json | sort | tail -1)
   say "killed (SIGKILL, launcher and ranks) after ${waited} s, at ${first%/ptlm_complete.json}"
   [ ! -e /runs/smoke-resume/report.md ] || fail "the run had finished before the kill: nothing to resume"
   DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 "${cmd[@]}" > /runs/smoke-resume-2.log 2>&1 \
     || { tail -40 /runs/smoke-resume-2.log; fail "the resumed run failed"; }
   grep -h "resumed from" /runs/smoke-resume-2.log | head -2 | sed 's/^.*\] //' | cut -c1-200
   grep -q "resumed from" /runs/smoke-resume-2.log || fail "the second run did not resume"
+  grep -h "^done: " /runs/smoke-resume-2.log | tail -1
   [ -s /runs/smoke-resume/report.md ] || fail "no report after the resumed run"
   ok "2 CPU ranks killed after a checkpoint, resumed, finished (logs /runs/smoke-resume-{1,2}.log)"
 }
