@@ -306,3 +306,49 @@ def test_val_share_far_from_val_fraction_is_warned(tmp_path, demo_tokenizer, cap
     with pytest.raises(PtlmError, match=r"--val-fraction 0 is not supported: training measures "
                                         r"validation loss.*--val-fraction 0.001"):
         cfg(tmp_path, out=tmp_path / "z", tokenizer=str(demo_tokenizer), val_fraction=0.0)
+
+
+def _llama3_style_tokenizer(dest, demo_docs):
+    """A BPE whose post-processor adds a BOS to every text, as Llama 3's and Gemma's do, with its
+    own EOS; transformers loads it as those tokenizers are loaded (tokenizer.json + config)."""
+    from tokenizers import processors
+
+    toks.train_bpe(demo_docs, 600, dest)
+    tok = toks.load(dest)
+    tok.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>"])
+    bos = tok.token_to_id("<|begin_of_text|>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)])
+    tok.save(str(dest / "tokenizer.json"))
+    (dest / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
+        "eos_token": "<|end_of_text|>"}))
+    return dest, bos, tok.token_to_id("<|end_of_text|>")
+
+
+def test_documents_start_with_the_bos_the_tokenizer_adds(tmp_path, demo_docs):
+    from transformers import AutoTokenizer
+
+    folder, bos, eos = _llama3_style_tokenizer(tmp_path / "tok", demo_docs)
+    hf = AutoTokenizer.from_pretrained(folder)  # the reference: transformers' own framing
+    assert hf("a")["input_ids"][0] == bos and hf.eos_token_id == eos
+    out = tmp_path / "data"
+    manifest = prepare(cfg(tmp_path, out=out, tokenizer=str(folder), seq_len=32,
+                           val_fraction=0.1))
+    assert (manifest["bos_id"], manifest["eos_id"]) == (bos, eos)
+    stream = np.concatenate([split_ids(out, manifest, s) for s in ("train", "val")])
+    eos_at = np.flatnonzero(stream == eos)
+    # every document boundary inside the stream is EOS then BOS, and the stream opens with BOS
+    # (the first train block is the first train document's start)
+    assert stream[0] == bos
+    inner = eos_at[eos_at + 1 < len(stream)]
+    assert (stream[inner + 1] == bos).all() and len(inner) > 10
+    # a document reads back as transformers encodes it, framed: BOS + its ids, then EOS
+    framed = {tuple(hf(d)["input_ids"] + [eos]) for d in demo_docs}
+    assert tuple(stream[:eos_at[0] + 1].tolist()) in framed
+    assert tuple(stream[inner[0] + 1:inner[1] + 1].tolist()) in framed
+
+
+def test_a_tokenizer_without_bos_frames_documents_with_eos_only(demo_dataset):
+    manifest = shards.read_manifest(demo_dataset)
+    assert manifest["bos_id"] is None

@@ -1,8 +1,10 @@
-"""`ptlm prepare`: corpus -> tokenizer -> EOS-joined token stream -> fixed-length blocks ->
+"""`ptlm prepare`: corpus -> tokenizer -> [BOS] doc EOS token stream -> fixed-length blocks ->
 train/val Arrow shards + manifest, in constant memory.
 
 Two passes over tokens, one over text:
-  1. stream documents in batches, encode them (Rust tokenizer, all cores), append EOS, and append
+  1. stream documents in batches, encode them (Rust tokenizer, all cores), frame each with the
+     tokenizer's own specials (its BOS first where it adds one, as Llama 3's and Gemma's do; the
+     EOS the model ends documents with last), and append
      the ids to a flat temporary file; keep only each document's length (8 bytes/document);
   2. choose validation documents from the lengths (ptlm.packing.choose_val_docs), then, per split,
      read the documents' ids back from the memory-mapped temporary file in corpus order and cut
@@ -103,16 +105,20 @@ def _batches(texts: Iterable[str]) -> Iterator[list[str]]:
         yield batch
 
 
-def encode_batch(tok, texts: list[str], eos_id: int, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """-> (flat ids with EOS after each document, (n_docs,) lengths including EOS)."""
+def encode_batch(tok, texts: list[str], frame: toks.DocumentFrame,
+                 dtype) -> tuple[np.ndarray, np.ndarray]:
+    """-> (flat ids, each document framed as [BOS] ids EOS, (n_docs,) lengths with the frame)."""
     encodings = tok.encode_batch_fast(texts, add_special_tokens=False)
     ids = [e.ids for e in encodings]
-    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+    extra = frame.extra_tokens
+    lengths = np.fromiter((len(x) + extra for x in ids), dtype=np.int64, count=len(ids))
     flat = np.empty(int(lengths.sum()), dtype=dtype)
     ends = np.cumsum(lengths)
-    flat[ends - 1] = eos_id
+    flat[ends - 1] = frame.eos_id
+    if frame.bos_id is not None:
+        flat[ends - lengths] = frame.bos_id
     for x, end, n in zip(ids, ends.tolist(), lengths.tolist()):
-        flat[end - n:end - 1] = x
+        flat[end - n + extra - 1:end - 1] = x
     return flat, lengths
 
 
@@ -128,23 +134,23 @@ def _init_worker(tok_dir: str) -> None:
 
 
 def _encode_in_worker(args):
-    texts, eos_id, dtype = args
-    return encode_batch(_WORKER_TOK, texts, eos_id, dtype)
+    texts, frame, dtype = args
+    return encode_batch(_WORKER_TOK, texts, frame, dtype)
 
 
-def _encoded(batches: Iterator[list[str]], tok_dir: Path, eos_id: int, dtype,
+def _encoded(batches: Iterator[list[str]], tok_dir: Path, frame: toks.DocumentFrame, dtype,
              num_proc: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Encoded batches in corpus order, whatever num_proc is (so outputs are identical)."""
     if num_proc == 1:
         tok = toks.load(tok_dir)
         for texts in batches:
-            yield encode_batch(tok, texts, eos_id, dtype)
+            yield encode_batch(tok, texts, frame, dtype)
         return
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(num_proc, initializer=_init_worker, initargs=(str(tok_dir),)) as pool:
         pending: deque = deque()
         for texts in batches:
-            pending.append(pool.apply_async(_encode_in_worker, ((texts, eos_id, dtype),)))
+            pending.append(pool.apply_async(_encode_in_worker, ((texts, frame, dtype),)))
             if len(pending) >= num_proc * MAX_INFLIGHT_PER_PROC:
                 yield pending.popleft().get()
         while pending:
@@ -190,13 +196,13 @@ def _progress(enabled: bool | None, desc: str, unit: str):
                 dynamic_ncols=True, file=sys.stderr)
 
 
-def tokenize_to_stream(docs: Iterable[str], tok_dir: Path, eos_id: int, dtype, path: Path,
-                       num_proc: int, progress: bool | None) -> np.ndarray:
-    """Pass 1. Appends every document's ids (+EOS) to `path`; returns (D,) lengths."""
+def tokenize_to_stream(docs: Iterable[str], tok_dir: Path, frame: toks.DocumentFrame, dtype,
+                       path: Path, num_proc: int, progress: bool | None) -> np.ndarray:
+    """Pass 1. Appends every document's ids ([BOS] ... EOS) to `path`; returns (D,) lengths."""
     lengths: list[np.ndarray] = []
     n_tokens, t0 = 0, time.perf_counter()
     with open(path, "wb") as f, _progress(progress, "tokenize", "doc") as bar:
-        for i, (flat, lens) in enumerate(_encoded(_batches(docs), tok_dir, eos_id, dtype,
+        for i, (flat, lens) in enumerate(_encoded(_batches(docs), tok_dir, frame, dtype,
                                                   num_proc)):
             flat.tofile(f)
             lengths.append(lens)
@@ -359,7 +365,7 @@ def _prepare_into(cfg: PrepareConfig, srcs, tmp: Path) -> dict:
     stats = sources.SourceStats()
     stream_path = tmp / STREAM_FILE
     lengths = tokenize_to_stream(sources.iter_documents(srcs, cfg.source_options, stats),
-                                 tmp / shards.TOKENIZER_DIR, info.eos_id, dtype, stream_path,
+                                 tmp / shards.TOKENIZER_DIR, info.frame, dtype, stream_path,
                                  cfg.num_proc, cfg.progress)
     if stats.documents == 0:
         raise PtlmError(f"the corpus is empty: no non-empty document in {', '.join(cfg.sources)}"
@@ -378,6 +384,7 @@ def _prepare_into(cfg: PrepareConfig, srcs, tmp: Path) -> dict:
         "ptlm_version": __version__, "created": datetime.now(timezone.utc).isoformat(),
         "seq_len": cfg.seq_len, "dtype": dtype.name, "column": shards.COLUMN,
         "eos_id": info.eos_id,
+        "bos_id": info.bos_id,  # before every document; null when the tokenizer adds none
         "tokenizer": {"path": shards.TOKENIZER_DIR, **info.to_dict()},
         "documents": stats.documents, "empty_documents_skipped": stats.empty_skipped,
         "documents_with_replaced_bytes": stats.replaced,

@@ -25,6 +25,19 @@ UNSET_MAX_LENGTH = 10**9  # transformers writes ~1e30 when a tokenizer has no le
 TRAIN_MIN_FREQUENCY = 2  # a merge must be seen twice: avoids memorizing one-off strings
 
 
+@dataclass(frozen=True)
+class DocumentFrame:
+    """The special ids around every document in the packed stream: the BOS the tokenizer puts at
+    the start of a text (Llama 3, Gemma; None for GPT-2, OPT's BPE, Qwen) and the EOS after it."""
+
+    bos_id: int | None
+    eos_id: int
+
+    @property
+    def extra_tokens(self) -> int:
+        return 1 + (self.bos_id is not None)
+
+
 @dataclass
 class TokenizerInfo:
     source: str  # what the user named, or "trained:<vocab size>"
@@ -33,6 +46,11 @@ class TokenizerInfo:
     eos_id: int
     sha256: str  # of tokenizer.json: the tokenizer's identity
     model_max_length: int | None
+    bos_id: int | None = None  # put before every document (the tokenizer adds one to a text)
+
+    @property
+    def frame(self) -> DocumentFrame:
+        return DocumentFrame(bos_id=self.bos_id, eos_id=self.eos_id)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -157,7 +175,21 @@ def describe(folder: Path, source: str) -> TokenizerInfo:
         else None
     digest = sha256_file(folder / "tokenizer.json")
     return TokenizerInfo(source=source, vocab_size=tok.get_vocab_size(with_added_tokens=True),
-                         eos_token=eos, eos_id=eos_id, sha256=digest, model_max_length=max_len)
+                         eos_token=eos, eos_id=eos_id, sha256=digest, model_max_length=max_len,
+                         bos_id=leading_special_id(tok))
+
+
+BOS_PROBE_TEXT = "a"
+
+
+def leading_special_id(tok) -> int | None:
+    """The id the tokenizer itself puts before a text (its post-processor's BOS: Llama 3's
+    <|begin_of_text|>, Gemma's <bos>), read from what it does rather than from its config."""
+    plain = tok.encode(BOS_PROBE_TEXT, add_special_tokens=False).ids
+    framed = tok.encode(BOS_PROBE_TEXT, add_special_tokens=True).ids
+    if len(framed) > len(plain) and framed[1:1 + len(plain)] == plain:
+        return framed[0]
+    return None
 
 
 def same_tokenizer(a, b) -> bool:
