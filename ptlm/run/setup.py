@@ -65,10 +65,17 @@ def model_source(spec: str, from_scratch: bool, data: PackedDataset | None) -> M
 
 
 def _set_special_ids(config, data: PackedDataset) -> None:
+    """EOS (and BOS) are the data's document separator. No pad id: packed blocks have no
+    padding, and OPT's / Llama's nn.Embedding(padding_idx=pad_token_id) zeroes that row at init
+    and gives it no gradient from its input use, so a pad id equal to EOS (as set here before)
+    never trained EOS as an input, though it starts every packed document after the first; a
+    config's default pad id (OPT: 1) would do the same to an ordinary token."""
     eos = data.manifest["eos_id"]
-    for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+    for key in ("eos_token_id", "bos_token_id"):
         if hasattr(config, key):
             setattr(config, key, eos)
+    if hasattr(config, "pad_token_id"):
+        config.pad_token_id = None
 
 
 def check_tokenizer(cfg: RunConfig, data: PackedDataset) -> None:
