@@ -117,6 +117,39 @@ def test_profile_is_cached(monkeypatch):
     assert again.activations == first.activations and again.name == "b"
 
 
+LOGIT_TRANSFORMS = {  # (config, the attention transformers builds it with)
+    "gemma2-softcap": (lambda: transformers.Gemma2Config(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=64, vocab_size=4096, sliding_window=256), "eager"),
+    "cohere-scale": (lambda: transformers.CohereConfig(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, vocab_size=4096, eos_token_id=2), "sdpa"),
+    "granite-scale": (lambda: transformers.GraniteConfig(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, vocab_size=4096, logits_scaling=8.0), "sdpa"),
+}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n == "gemma2-softcap"
+                                                else [pytest.mark.slow])
+                                  for n in LOGIT_TRANSFORMS])
+def test_logit_transforms_and_eager_attention_are_planned_within_ten_percent(name):
+    """Soft-capped (Gemma 2, eager attention with its seq x seq scores) and scaled logits
+    (Cohere, Granite): the loss runs unchunked and the plan still matches a measured step."""
+    from ptlm.run.memtrace import measure_step
+
+    make, attn = LOGIT_TRANSFORMS[name]
+    config = make()
+    for seq, precision, checkpointing in [(1024, "fp32", False), (256, "bf16", True)]:
+        facts = profile.measured_facts(config, name, seq)
+        assert not facts.chunkable_loss
+        setting = Setting(precision=precision, chunked_loss=False, checkpointing=checkpointing,
+                          micro_batch=2)
+        measured = measure_step(config, setting, seq, attn=attn)["peak_bytes"]
+        predicted = estimate(facts, H100, Job(seq), setting).peak_tensor_bytes
+        assert predicted == pytest.approx(measured, rel=TOLERANCE), (seq, precision)
+
+
 def test_softcapped_logits_keep_the_loss_unchunked():
     config = transformers.Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                        num_attention_heads=2, num_key_value_heads=1, head_dim=32,

@@ -48,7 +48,7 @@ from ptlm.plan.probe_cache import CACHE_ENV
 
 log = logging.getLogger(__name__)
 
-PROFILE_VERSION = 1  # bump when what a profile measures changes: old cache entries are ignored
+PROFILE_VERSION = 2  # bump when what a profile measures changes: old cache entries are ignored
 # The profile is fitted at the planned length and a shorter one, so it is exact where it is used.
 SHORT_SEQ_DIVISOR = 2
 MIN_PROFILE_SEQ = 8
@@ -222,7 +222,8 @@ def _structure(config, model) -> dict:
         rotary=not _has_position_table(model, embed),
         rms_norm=any("RMSNorm" in type(m).__name__ for m in model.modules()),
         tied_embeddings=head is not None and head.weight is embed.weight,
-        chunkable_loss=chunkable)
+        chunkable_loss=chunkable,
+        softcapped_logits=bool(getattr(tc, "final_logit_softcapping", None)))
 
 
 def _layer_count(tc) -> int:

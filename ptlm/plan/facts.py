@@ -107,6 +107,7 @@ class ModelFacts:
     activations: ActivationProfile | None = None
     # The chunked loss reproduces the model's logits (no soft-capping or scaling after the head).
     chunkable_loss: bool = True
+    softcapped_logits: bool = False  # final_logit_softcapping (Gemma 2): tanh after the head
 
     @property
     def learned_positions(self) -> bool:

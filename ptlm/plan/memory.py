@@ -122,6 +122,10 @@ FULL_LOSS_FP32_COPIES = 3
 # `out.loss.backward()`, as HF's run_clm_no_trainer.py) also holds the logits in the training
 # dtype: 4 fp32 copies in fp32, the reference figures' 21.65 GiB. ptlm and HF Trainer drop them.
 HELD_OUTPUT_LOGITS_COPIES = 1
+# Soft-capped logits (Gemma 2's cap * tanh(logits / cap)) keep one more (b·s·V) tensor of the
+# activation dtype for tanh's backward (measured: Gemma 2 shape, fp32, 2 x 1024 tokens, vocab
+# 4096: +32 MiB, exactly one copy). A scaled head (Cohere, Granite) keeps none (measured too).
+SOFTCAP_SAVED_COPIES = 1
 # ptlm's chunked loss (ptlm/loss.py) computes each chunk's loss and gradients in its forward, in
 # place on one fp32 (rows × V) buffer; 16-bit models add one 16-bit (rows × V) tensor (the logits
 # before .float(), later the logits' grad), and one 16-bit (V × h) GEMM result per chunk. Across
@@ -589,6 +593,7 @@ def _loss_bytes(model: ModelFacts, s: Setting, job: Job, tokens: int, device_typ
     a = _activation_bytes(s)
     if not s.chunked_loss:
         held = HELD_OUTPUT_LOGITS_COPIES * a if job.keep_outputs else 0
+        held += SOFTCAP_SAVED_COPIES * a if model.softcapped_logits else 0
         return tokens * model.vocab * (FULL_LOSS_FP32_COPIES * FP32_BYTES + held)
     half = CHUNK_LOSS_HALF_COPIES * a if a < FP32_BYTES else 0
     rows = min(tokens, loss_chunk_rows(model, job))
