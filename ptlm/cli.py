@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import logging
 import sys
 
@@ -42,8 +43,26 @@ def _build_parser(command: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+_NUMBER = re.compile(r"^-\d+(\.\d*)?$")  # what argparse itself reads as a negative value
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """argparse takes '-16GiB' after a flag for another flag and prints its usage ('expected one
+    argument'): such a value (a '-' then a digit, not a plain number, which argparse reads
+    itself) is joined to its flag, `--gpu-memory=-16GiB`, so the flag's own check refuses it in
+    one line."""
+    out: list[str] = []
+    for a in argv:
+        if (out and out[-1].startswith("--") and "=" not in out[-1] and a[:1] == "-"
+                and a[1:2].isdigit() and not _NUMBER.match(a)):
+            out[-1] = f"{out[-1]}={a}"
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = _join_negative_values(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = _build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)

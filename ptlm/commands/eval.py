@@ -14,6 +14,9 @@ from ptlm.model.config import max_positions
 from ptlm.run.evaluate import evaluate_blocks, evaluate_text, model_forward
 
 
+DEFAULT_STRIDE = 512  # tokens; each window re-reads max_length - stride tokens of context
+
+
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="HF model folder or hub name (or a ptlm export)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -25,7 +28,8 @@ def add_arguments(p) -> None:
     p.add_argument("--max-blocks", type=int, help="evaluate only the first N blocks")
     p.add_argument("--tokenizer", help="for --text: tokenizer (default: the model folder's)")
     p.add_argument("--max-length", type=int, help="for --text: window (default: model positions)")
-    p.add_argument("--stride", type=int, default=512, help="for --text: window step")
+    p.add_argument("--stride", type=int, help=f"for --text: window step (default: "
+                   f"{DEFAULT_STRIDE}, or the window when it is shorter); at most --max-length")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--json", action="store_true")
 
@@ -67,7 +71,11 @@ def run(args) -> int:
                             f"{model.get_input_embeddings().weight.shape[0]} embedding rows of "
                             f"{args.model}: give the model's own tokenizer")
         max_length = args.max_length or positions or 1024
-        stride = min(args.stride, max_length)
+        if args.stride is not None and args.stride > max_length:  # windows would skip tokens
+            raise PtlmError(f"--stride {args.stride} is above --max-length {max_length} (the "
+                            "window): tokens between windows would not be scored; give "
+                            f"--stride {max_length} or less")
+        stride = args.stride or min(DEFAULT_STRIDE, max_length)
         res = evaluate_text(model, ids, max_length, stride)
         what = f"{len(args.text)} text file(s), window {max_length}, stride {stride}"
     if args.json:

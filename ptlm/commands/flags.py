@@ -111,7 +111,8 @@ def hardware_from_args(args: argparse.Namespace) -> HardwareFacts:
         if value is not None and value < 1:
             raise PtlmError(f"{flag} {value}: nothing to plan for; give {flag} 1 or more ({what}), "
                             "e.g. --gpu T4 --gpus 1")
-    host = parse_size(args.host_memory) if args.host_memory else hardware.host_memory_bytes()
+    host = _size("--host-memory", args.host_memory) if args.host_memory else \
+        hardware.host_memory_bytes()
     if args.gpu:
         spec = lookup_gpu(args.gpu)
         if spec is None:
@@ -119,7 +120,8 @@ def hardware_from_args(args: argparse.Namespace) -> HardwareFacts:
                             "--gpus N --gpu-memory SIZE")
         hw = HardwareFacts.from_spec(spec, args.gpus or 1, args.nodes, host)
     elif args.gpu_memory:
-        spec = replace(UNKNOWN_GPU, name="custom GPU", memory_bytes=parse_size(args.gpu_memory))
+        spec = replace(UNKNOWN_GPU, name="custom GPU",
+                       memory_bytes=_size("--gpu-memory", args.gpu_memory))
         hw = HardwareFacts.from_spec(spec, args.gpus or 1, args.nodes, host)
     else:
         hw = _replace(hardware.detect(), nodes=args.nodes, host_memory_bytes=host)
@@ -129,10 +131,22 @@ def hardware_from_args(args: argparse.Namespace) -> HardwareFacts:
         if args.gpus:
             hw = _replace(hw, gpus_per_node=args.gpus)
     if args.gpu_memory:
-        hw = _replace(hw, gpu_memory_bytes=parse_size(args.gpu_memory))
+        hw = _replace(hw, gpu_memory_bytes=_size("--gpu-memory", args.gpu_memory))
     if args.no_bf16:
         hw = _replace(hw, bf16=False)
     return hw
+
+
+def _size(flag: str, text: str) -> int:
+    """Bytes of a memory flag: a readable size above 0 (0 or less plans for nothing)."""
+    try:
+        value = parse_size(text)
+    except PtlmError:
+        value = -1
+    if value <= 0:
+        raise PtlmError(f"{flag} {text}: give a memory size above 0, e.g. {flag} 16GiB "
+                        "(or 40GB, 512MiB)")
+    return value
 
 
 def _replace(hw: HardwareFacts, **changes) -> HardwareFacts:

@@ -20,11 +20,15 @@ from ptlm.commands.flags import (
     forced_from_args,
     hardware_from_args,
 )
+from ptlm.errors import PtlmError
 from ptlm.model.config import model_facts, resolve_config
 from ptlm.plan.dsconfig import OptimizerHyper, build_ds_config
 from ptlm.plan.facts import KNOWN_CONFIGS, GiB
 from ptlm.plan.memory import Job
 from ptlm.plan.planner import Plan, plan
+
+
+MIN_SEQ_LEN = 2  # one token of context, one to predict
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.seq_len < MIN_SEQ_LEN:
+        raise PtlmError(f"--seq-len {args.seq_len}: a block needs {MIN_SEQ_LEN} tokens or more "
+                        "(each predicts the next); give e.g. --seq-len 1024")
+    if args.global_batch is not None and args.global_batch < 1:
+        raise PtlmError(f"--global-batch {args.global_batch}: give 1 or more sequences per "
+                        "optimizer step, or leave it out (the largest that fits)")
     model = model_facts(args.model, args.seq_len)
     hw = hardware_from_args(args)
     job = Job(seq_len=args.seq_len, global_batch=args.global_batch)

@@ -15,7 +15,8 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     problems = shards.verify(args.dir)
     if problems:
-        raise PtlmError(f"{args.dir} failed verification:\n  " + "\n  ".join(problems))
+        raise PtlmError(f"{args.dir} failed verification:\n  " + "\n  ".join(problems)
+                        + f"\nRe-run `ptlm prepare ... --out {args.dir}` to rebuild it")
     manifest = shards.read_manifest(args.dir)
     n = sum(len(s["shards"]) for s in manifest["splits"].values())
     print(f"{args.dir}: OK ({n} shards, sha256 and structure match the manifest)")

@@ -168,9 +168,19 @@ class SplitBlocks:
             if idx.size else np.empty((0, self.seq_len), self.chunks[0].dtype)
 
 
+class CorruptShard(PtlmError):
+    """A shard that does not match the manifest; `problem` is the finding alone (for `ptlm
+    verify`, whose own message must not send the user to `ptlm verify`)."""
+
+    def __init__(self, message: str, problem: str) -> None:
+        super().__init__(message)
+        self.problem = problem
+
+
 def _corrupt(root: Path, rel: str, why: str) -> PtlmError:
-    return PtlmError(f"{root / rel}: {why}. The shard is corrupt or not from this dataset: run "
-                     f"`ptlm verify {root}`, and re-run `ptlm prepare` if it fails")
+    return CorruptShard(f"{root / rel}: {why}. The shard is corrupt or not from this dataset: "
+                        f"run `ptlm verify {root}`, and re-run `ptlm prepare` if it fails",
+                        f"{root / rel}: {why}")
 
 
 def open_split(root: Path, manifest: dict, split: str) -> SplitBlocks:
@@ -240,6 +250,9 @@ def verify(root: Path) -> list[str]:
         if len(problems) == found:  # bytes as written: check the structure against the manifest
             try:
                 open_split(root, manifest, split)
+            except CorruptShard as e:  # the bytes match the manifest's hash: it was edited
+                problems.append(f"{e.problem} (the shard's sha256 matches the manifest: was the "
+                                "manifest edited?)")
             except PtlmError as e:
                 problems.append(str(e))
     return problems

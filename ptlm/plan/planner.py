@@ -448,19 +448,39 @@ def _rank(fitting: list[Candidate]) -> list[Candidate]:
     return sorted(ties, key=_preference) + sorted(rest, key=lambda c: -_score(c))
 
 
+# What each _preference key means, for the "why" when it broke a tie.
+PREFERENCE_REASONS = ("no CPU offload", "the lower ZeRO stage", "exact AdamW",
+                      "the preferred precision", "the chunked loss", "no activation checkpointing",
+                      "less GPU memory")
+
+
 def _why(best: Candidate, ranked: list[Candidate], forced: dict) -> str:
     scope = "the forced setting" if forced else "all settings"
-    text = (f"fastest predicted of {len(ranked)} fitting candidates ({scope}; 8-bit Adam "
+    runner = ranked[1] if len(ranked) > 1 else None
+    delta = runner.tokens_per_s / best.tokens_per_s - 1 if runner else 0.0
+    head = "fastest predicted of" if delta <= 0 else "chosen among"
+    text = (f"{head} {len(ranked)} fitting candidates ({scope}; 8-bit Adam "
             f"discounted {ADAMW8BIT_DISCOUNT:.0%}): {best.tokens_per_s:,.0f} tokens/s at "
             f"micro-batch {best.setting.micro_batch}")
-    if len(ranked) > 1:
-        runner = ranked[1]
-        delta = runner.tokens_per_s / best.tokens_per_s - 1
-        text += (f"; next: {runner.setting.describe()} at {runner.tokens_per_s:,.0f} tokens/s "
-                 f"({delta:+.0%})")
-        if abs(delta) <= TIE_TOLERANCE:
-            text += "; within the model's precision, so the less intrusive setting wins"
+    if runner is None:
+        return text
+    text += (f"; next: {runner.setting.describe()} at {runner.tokens_per_s:,.0f} tokens/s "
+             f"({delta:+.0%})")
+    if abs(delta) <= TIE_TOLERANCE:
+        text += (f"; within the model's precision ({TIE_TOLERANCE:.0%}), so the tie goes to "
+                 f"{_tie_break(best, runner)}")
     return text
+
+
+def _tie_break(best: Candidate, runner: Candidate) -> str:
+    """The first _preference key on which `best` beat `runner`, in words."""
+    for reason, mine, theirs in zip(PREFERENCE_REASONS, _preference(best), _preference(runner)):
+        if mine != theirs:
+            if reason == "less GPU memory":
+                return (f"{reason} ({mine / GiB:.1f} GiB against {theirs / GiB:.1f} GiB: "
+                        "headroom for fragmentation and longer batches)")
+            return reason
+    return "the first in the ranking (equal on every preference)"
 
 
 def _notes(model: ModelFacts, hw: HardwareFacts, job: Job, best: Candidate) -> list[str]:
