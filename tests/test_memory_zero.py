@@ -87,6 +87,76 @@ def test_memory_held_between_steps_matches(measured):
 STEADY_SPREAD = 0.05
 
 
+# ------------------------------------------------------------------- frees the profiler misses
+
+FREE_PROBE_ITERATIONS = 40
+FREE_PROBE_NUMEL = 100_003  # an odd size: no other block of the probe has it
+
+
+def _free_probe(rank: int, port: int, out: str) -> None:
+    """One of two gloo ranks: how many frees of FREE_PROBE_ITERATIONS tensors torch.profiler
+    records, for tensors only the main thread touched and for tensors a gloo all-reduce used."""
+    import json
+    import os
+
+    import torch
+    import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    size = FREE_PROBE_NUMEL * 4
+    seen = {}
+    for mode in ("main_thread", "all_reduce", "gloo_drops_last"):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            for _ in range(FREE_PROBE_ITERATIONS):
+                t = torch.ones(FREE_PROBE_NUMEL)
+                if mode == "all_reduce":  # as DeepSpeed's reductions: wait, then drop
+                    dist.all_reduce(t)
+                elif mode == "gloo_drops_last":  # the main thread lets go while gloo works
+                    dist.all_reduce(t, async_op=True)
+                t = None
+            dist.barrier()  # every all-reduce done, every block released
+        seen[mode] = sum(1 for e in prof.events()
+                         if e.name == "[memory]" and e.cpu_memory_usage == -size)
+    dist.barrier()
+    dist.destroy_process_group()
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(seen, f)
+
+
+def test_the_profiler_misses_frees_made_on_gloo_threads(tmp_path):
+    """The bench's premise, shown (not argued): torch.profiler records a free only on a thread it
+    profiles. Every free of a tensor only the main thread touched is recorded; of tensors whose
+    last reference gloo's worker threads drop, most are not (13-16 of 40 seen per rank here), and
+    even after a waited all-reduce, as DeepSpeed's reductions do, some are not (0-9 of 40). A
+    missed free keeps a block "alive" in the bench's curve until its address is reused: single
+    runs read high, never low; hence each rank's lowest of N runs (bench_zero_memory --repeats)."""
+    import json
+    import time
+
+    import torch
+
+    from ptlm.run.distributed import free_port
+
+    ctx = torch.multiprocessing.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_free_probe, args=(r, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    deadline = time.time() + 120
+    for p in procs:
+        p.join(max(1, deadline - time.time()))
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in procs] == [0, 0]
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(s["main_thread"] == FREE_PROBE_ITERATIONS for s in seen), seen
+    assert all(s[m] <= FREE_PROBE_ITERATIONS for s in seen for m in s), seen
+    # most frees gloo's threads make are never recorded (13-16 of 40 seen per rank here)
+    assert all(s["gloo_drops_last"] <= 0.75 * FREE_PROBE_ITERATIONS for s in seen), seen
+
+
 def test_the_measured_step_is_steady(measured):
     """The last two steps peak alike (the first has no optimizer states yet at ZeRO-1..3)."""
     for r in measured:
@@ -152,10 +222,13 @@ def test_plans_default_to_cuda_and_refuse_unknown_devices():
         _hw("tpu")
 
 
-# Worst-rank device peaks measured on the real engine by bench/bench_zero_memory.py
-# (docs/benchmarks.md section 8, tables B, C and E; 2 CPU ranks, MiB; worst rank; C and E:
-# each rank's lowest of 3 runs, since a free the profiler misses only raises a curve).
-MEASURED_OFFLOAD_PEAKS = [
+# Worst-rank device peaks measured on the real engine by bench/bench_zero_memory.py and RECORDED
+# here (docs/benchmarks.md section 8, tables B, C and E; 2 CPU ranks, MiB; worst rank; C and E:
+# each rank's lowest of 3 runs, since a free the profiler misses only raises a curve). The test
+# below measures nothing: it pins the memory model to these recorded figures, so a change to the
+# model that moves an offload prediction away from what was measured fails at once, in seconds.
+# test_offload_table_e_measured_now (slow) measures table E's points again on the real engine.
+RECORDED_OFFLOAD_PEAKS = [
     # (layers, hidden, vocab, seq, device GiB, setting, measured MiB)
     (4, 512, 50272, 64, 16, "z1-opt", 349.6),  # table B: one bucket holds every grad
     (4, 512, 50272, 64, 16, "z2-opt", 424.7),
@@ -168,20 +241,43 @@ MEASURED_OFFLOAD_PEAKS = [
     (3, 384, 16384, 32, 1.6, "z3-opt", 80.3),
     (3, 384, 16384, 32, 1.6, "z3-param", 65.9),
 ]
+TABLE_E = dict(layers=3, hidden=384, vocab=16384, seq=32, device_gib=1.6)
+TABLE_E_REPEATS = 3  # each rank's lowest of 3 runs, as the table was measured
 
 
-@pytest.mark.parametrize("layers, hidden, vocab, seq, gib, name, measured", MEASURED_OFFLOAD_PEAKS)
-def test_offload_peaks_measured_on_the_real_engine(layers, hidden, vocab, seq, gib, name,
-                                                   measured):
-    """ZeRO-1/2 + optimizer offload peak where DeepSpeed takes each grad slice's norm in fp64
-    (set_norm_for_param_grad_in_gpu); the model missed it and was 12-26% low before."""
+def _offload_args(layers, hidden, vocab, seq, gib):
     import argparse
 
-    args = argparse.Namespace(layers=layers, hidden=hidden, vocab=vocab, seq=seq, micro_batch=1,
+    return argparse.Namespace(layers=layers, hidden=hidden, vocab=vocab, seq=seq, micro_batch=1,
                               precision="bf16", full_loss=True, device_gib=gib, steps=3)
+
+
+@pytest.mark.parametrize("layers, hidden, vocab, seq, gib, name, measured", RECORDED_OFFLOAD_PEAKS)
+def test_offload_predictions_match_the_recorded_measurements(layers, hidden, vocab, seq, gib,
+                                                             name, measured):
+    """ZeRO-1/2 + optimizer offload peak where DeepSpeed takes each grad slice's norm in fp64
+    (set_norm_for_param_grad_in_gpu); the model missed it and was 12-26% low before. Compared
+    with measurements recorded above, not taken now (see RECORDED_OFFLOAD_PEAKS)."""
     zero, offload = BENCH.SETTINGS[name]
+    args = _offload_args(layers, hidden, vocab, seq, gib)
     predicted = BENCH._plan(args, zero, offload).memory.peak_tensor_bytes / 2**20
     assert predicted == pytest.approx(measured, rel=TOLERANCE)
+
+
+@pytest.mark.slow
+def test_offload_table_e_measured_now():
+    """Table E's offload points on the real engine now (2 CPU ranks, DeepSpeed's CPU Adam), each
+    rank's lowest of TABLE_E_REPEATS runs, within TOLERANCE of the memory model; every run's
+    figure is kept in the failure message (the spread of single runs)."""
+    pytest.importorskip("deepspeed")
+    points = [name for (*shape, name, _) in RECORDED_OFFLOAD_PEAKS if shape[:4] == [
+        TABLE_E["layers"], TABLE_E["hidden"], TABLE_E["vocab"], TABLE_E["seq"]]]
+    runs = [BENCH.run_grid(points, micro_batch=1, precision="bf16", steps=3, chunked_loss=False,
+                           **TABLE_E) for _ in range(TABLE_E_REPEATS)]
+    rows = BENCH.rows(BENCH.lowest_of(runs))
+    assert sorted({r["setting"] for r in rows}) == sorted(points)
+    for row in rows:
+        assert abs(row["error"]) <= TOLERANCE, row
 
 
 def test_repeats_keep_each_ranks_lowest_peak():
