@@ -763,3 +763,29 @@ def test_eval_stride_above_max_length_is_refused(eval_model, tmp_path):
     assert "--stride 200 is above --max-length 64" in r.stderr and "Traceback" not in r.stderr
     r = cli("eval", "--model", eval_model, "--text", text, "--max-length", 64)
     assert r.returncode == 0 and "stride 64" in r.stdout, r.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ 13. one epoch, a look, one more
+
+def test_two_runs_of_one_epoch_equal_one_run_of_two(tmp_path, demo_dataset, dropout_model):
+    """--epochs 2 --stop-after-epochs 1, then --epochs 2 into the same folder: the very losses,
+    LRs and evals of one --epochs 2 run (dropout on). `--epochs 1` then `--epochs 2` cannot
+    give that: the first run's schedule ends at epoch 1 (val ppl 652 against 533 in the issue)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(demo_dataset, two, dropout_model, *COMMON, "--epochs", 2)
+    r = train(demo_dataset, one, dropout_model, *COMMON, "--epochs", 2, "--stop-after-epochs", 1)
+    assert len(losses(one)) * 2 == len(losses(two))
+    assert "--stop-after-epochs 1" in r.stderr and "--epochs 2" in r.stderr, r.stderr[-3000:]
+    assert len(json.loads((one / "summary.json").read_text())["epochs"]) == 1
+    train(demo_dataset, one, dropout_model, *COMMON, "--epochs", 2)
+    assert losses(one) == losses(two)
+    assert [x["lr"] for x in records(one, "train")] == [x["lr"] for x in records(two, "train")]
+    assert evals(one) == evals(two)
+
+
+def test_stop_after_more_epochs_than_planned_is_refused(tmp_path, demo_dataset, dropout_model):
+    r = train(demo_dataset, tmp_path / "run", dropout_model, *COMMON, "--epochs", 2,
+              "--stop-after-epochs", 3, check=False)
+    assert r.returncode == 2 and "--stop-after-epochs 3 is above --epochs 2" in r.stderr, \
+        r.stderr[-2000:]
+    assert "Traceback" not in r.stderr

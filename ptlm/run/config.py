@@ -153,6 +153,10 @@ class Schedule:
     """how long, and the learning-rate schedule"""
 
     epochs: int = opt(1, "passes over the training data")
+    stop_after_epochs: int | None = opt(None, "stop once N epochs are done, with the LR schedule "
+                                              "planned for --epochs (resume with the same "
+                                              "--epochs to go on, exactly as one run)",
+                                        metavar="N")
     max_steps: int | None = opt(None, "stop after this many optimizer steps")
     max_tokens: int | None = opt(None, "token budget (sets the number of steps)")
     schedule: str = opt("cosine", "learning-rate schedule after the warmup", choices=SCHEDULES)
@@ -168,6 +172,9 @@ class Schedule:
         coerce_fields(self)
         _fail_unless([
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.stop_after_epochs is None or 1 <= self.stop_after_epochs <= self.epochs,
+             f"--stop-after-epochs {self.stop_after_epochs} is above --epochs {self.epochs} (or "
+             "below 1): give N from 1 to --epochs; the schedule is planned for --epochs"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1"),
             (self.max_tokens is None or self.max_tokens >= 1, "--max-tokens must be >= 1"),
             (self.schedule in SCHEDULES,

@@ -669,14 +669,30 @@ def due(every: int, step: int) -> bool:
 
 # ------------------------------------------------------------------------------ the loop
 
+def stop_step(run: Run) -> int:
+    """Where this run stops: its last step, or the end of epoch --stop-after-epochs (the
+    schedule still planned for all of --epochs, so a later resume goes on as one run)."""
+    n = run.cfg.sched.stop_after_epochs
+    if n is None:
+        return run.total_steps
+    stop = min(run.total_steps, n * run.loader.steps_per_epoch)
+    if run.dist.is_main and stop < run.total_steps:
+        log.info("--stop-after-epochs %d: stopping at step %d, after epoch %d of %d (the LR "
+                 "schedule is planned for --epochs %d, %d steps); resume with --epochs %d to go "
+                 "on as one run", n, stop, n, run.cfg.sched.epochs, run.cfg.sched.epochs,
+                 run.total_steps, run.cfg.sched.epochs)
+    return stop
+
+
 def train_loop(run: Run) -> None:
     from tqdm import tqdm
 
     s, cfg, loader = run.state, run.cfg, run.loader
-    bar = tqdm(total=run.total_steps, initial=s.step, desc="train", unit="step",
+    last = stop_step(run)
+    bar = tqdm(total=last, initial=min(s.step, last), desc="train", unit="step",
                dynamic_ncols=True) if run.dist.is_main else None
-    while s.step < run.total_steps:
-        while s.step < run.total_steps and loader.consumed < loader.blocks_per_epoch:
+    while s.step < last:
+        while s.step < last and loader.consumed < loader.blocks_per_epoch:
             t0 = time.perf_counter()
             loss = optimizer_step(run)
             dt = time.perf_counter() - t0
