@@ -789,3 +789,39 @@ def test_stop_after_more_epochs_than_planned_is_refused(tmp_path, demo_dataset, 
     assert r.returncode == 2 and "--stop-after-epochs 3 is above --epochs 2" in r.stderr, \
         r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------ 14. hub names offline
+
+# A hub endpoint that is closed here: the connect is refused at once, as offline.
+CLOSED_HUB = "http://127.0.0.1:9"
+
+
+@pytest.mark.parametrize("hub_env", [{"HF_HUB_OFFLINE": "1"},
+                                     {"HF_HUB_OFFLINE": "", "HF_ENDPOINT": CLOSED_HUB}],
+                         ids=["HF_HUB_OFFLINE", "unreachable"])
+@pytest.mark.parametrize("command", [
+    ["eval", "--model", "gpt2", "--text", "{text}"],
+    ["generate", "--model", "gpt2", "--prompt", "A cidade"],
+    ["prepare", "{text}", "--tokenizer", "facebook/opt-125m", "--out", "{out}", "--seq-len", "64"],
+], ids=["eval", "generate", "prepare"])
+def test_hub_names_offline_fail_at_once_in_one_line(tmp_path, command, hub_env):
+    """Tokenizers (`prepare --tokenizer facebook/opt-125m`) and `ptlm eval/generate --model gpt2`
+    waited 31-51 s of transformers' retries offline, then printed its message with a doubled
+    period; plan/train already failed at once. Now the same fast path: one line naming the flag,
+    the reason and the fix, before transformers is asked."""
+    text = tmp_path / "t.txt"
+    text.write_text("A cidade acorda cedo.\n", encoding="utf-8")
+    args = [a.format(text=text, out=tmp_path / "out") for a in command]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **hub_env}
+    env.pop("HF_ENDPOINT", None) if "HF_ENDPOINT" not in hub_env else None
+    r = subprocess.run([sys.executable, "-m", "ptlm.cli", *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not a local folder nor in the local Hugging Face cache" in \
+        lines[0], r.stderr[-2000:]
+    name = args[args.index("--model" if "--model" in args else "--tokenizer") + 1]
+    assert ".." not in lines[0] and name in lines[0]
+    assert ("HF_HUB_OFFLINE" in lines[0]) and ("unreachable" in lines[0]) == ("HF_ENDPOINT" in
+                                                                              hub_env)

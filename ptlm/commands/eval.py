@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ptlm import hub
 from ptlm.data import PackedDataset
 from ptlm.data.tokenizer import same_tokenizer
 from ptlm.errors import PtlmError
@@ -41,6 +42,9 @@ def run(args) -> int:
                         ("--max-blocks", args.max_blocks), ("--max-length", args.max_length)):
         if value is not None and value < 1:
             raise PtlmError(f"{flag} {value}: must be >= 1")
+    hub.require("--model", args.model)  # offline: at once, not after transformers' retries
+    if args.text and args.tokenizer:
+        hub.require("--tokenizer", args.tokenizer, "tokenizer")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, precision=args.precision).to(device).eval()
     positions = max_positions(model.config)

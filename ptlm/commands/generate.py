@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ptlm import hub
 from ptlm.errors import PtlmError
 from ptlm.run.generate import generate
 
@@ -29,6 +30,9 @@ def run(args) -> int:
     if args.temperature <= 0 or not 0 < args.top_p <= 1:
         raise PtlmError("--temperature must be > 0 and --top-p in (0, 1]")
     torch.manual_seed(args.seed)
+    hub.require("--model", args.model)  # offline: at once, not after transformers' retries
+    if args.tokenizer:
+        hub.require("--tokenizer", args.tokenizer, "tokenizer")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, precision="fp32").to(device).eval()
     tok_src = args.tokenizer or args.model

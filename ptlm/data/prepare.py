@@ -31,7 +31,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from ptlm import __version__
+from ptlm import __version__, hub
 from ptlm.data import packing, shards, sources
 from ptlm.data import tokenizer as toks
 from ptlm.errors import PtlmError
@@ -327,6 +327,8 @@ def _write_error(e: OSError, out: Path) -> PtlmError:
 def prepare(cfg: PrepareConfig) -> dict:
     """Run the whole job; returns the manifest written to cfg.out."""
     out = cfg.out.resolve()
+    if cfg.tokenizer and cfg.train_tokenizer is None:  # offline: at once, not after retries
+        hub.require("--tokenizer", cfg.tokenizer, "tokenizer")
     srcs = sources.resolve_sources(cfg.sources, exclude=[out])
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
