@@ -228,8 +228,8 @@ check_resume() {
   kill -KILL -- "-$pid"
   wait "$pid" 2>/dev/null || true
   local last
-  first=$(find /runs/smoke-resume/checkpoints -name ptlm_complete.json | sort | tail -1)
-  say "killed (SIGKILL, launcher and ranks) after ${waited} s, at ${first%/ptlm_complete.json}"
+  last=$(find /runs/smoke-resume/checkpoints -name ptlm_complete.json | sort | tail -1)
+  say "killed (SIGKILL, launcher and ranks) after ${waited} s, at ${last%/ptlm_complete.json}"
   [ ! -e /runs/smoke-resume/report.md ] || fail "the run had finished before the kill: nothing to resume"
   DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 "${cmd[@]}" > /runs/smoke-resume-2.log 2>&1 \
     || { tail -40 /runs/smoke-resume-2.log; fail "the resumed run failed"; }
