@@ -198,21 +198,29 @@ def check_chunkable(model) -> nn.Linear:
 
 def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                    attention_mask: torch.Tensor | None = None, chunked: bool = True,
-                   chunk_size: int | None = None, with_counts: bool = False):
+                   chunk_size: int | None = None, with_counts: bool = False,
+                   packed: dict | None = None):
     """Mean next-token NLL over tokens whose (shifted) label is not -100.
 
     labels default to input_ids (continued pretraining). chunked=True runs the model's base (the
     decoder, final layer norm included) and the chunked head+loss; chunked=False is the plain HF
     path, model(input_ids, labels=...). with_counts=True returns (mean, sum, n_tokens), which
-    evaluation needs to average over batches exactly.
+    evaluation needs to average over batches exactly. packed: the extra model inputs that make a
+    packed block separate documents (ptlm.model.packing.model_inputs: position_ids, and a mask
+    for models that need one); the labels then come with the boundaries already masked.
 
     A batch with no counted token gives mean 0 and zero gradients (HF gives nan), so a fully
     masked micro-batch cannot poison gradient accumulation.
     """
     labels = input_ids if labels is None else labels
+    packed = packed or {}
+    if "attention_mask" in packed:
+        attention_mask = packed["attention_mask"]
+    extra = {k: v for k, v in packed.items() if k != "attention_mask"}
     if chunked:
         head = check_chunkable(model)
-        out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                               **extra)
         hidden = out[0]  # (B, T, H) last hidden state, final norm applied; tuple or ModelOutput
         loss_sum, n_tokens = lm_head_loss(hidden, head, labels, chunk_size)
         mean = loss_sum / n_tokens.clamp(min=1)
@@ -220,7 +228,7 @@ def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor | None =
         n_tokens = (labels[:, 1:] != IGNORE_INDEX).sum()
         # num_items_in_batch switches HF to sum / count: the same mean, and 0 instead of nan.
         out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                    use_cache=False, num_items_in_batch=n_tokens.clamp(min=1))
+                    use_cache=False, num_items_in_batch=n_tokens.clamp(min=1), **extra)
         mean = out.loss
         loss_sum = mean.float() * n_tokens
     return (mean, loss_sum, n_tokens) if with_counts else mean
