@@ -48,3 +48,24 @@ def test_qwen3_on_two_ranks_zero3_trains_like_plain_pytorch(tmp_path, demo_datas
 @pytest.mark.parametrize("zero", [2, 3])
 def test_every_family_trains_like_plain_pytorch(family, zero, tmp_path, demo_dataset):
     _train_like_the_reference(family, zero, tmp_path, demo_dataset)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gemma3_text", "lfm2"])
+def test_family_resumes_exactly_after_a_kill(family, tmp_path, demo_dataset):
+    """Two ranks, ZeRO-2, killed (-9) one step after a checkpoint, resumed: every step's loss as
+    in the uninterrupted run (fp32 on CPU: bit for bit)."""
+    from ptlm.run import faults
+    from tests.test_trainer import records
+
+    init = saved_init(family, tmp_path / "init")
+    common = ["--global-batch", GLOBAL_BATCH, "--micro-batch", 2, "--zero", 2,
+              "--max-steps", STEPS, "--no-export"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train(demo_dataset, full, init, *common, ranks=2, scratch=False)
+    r = train(demo_dataset, cut, init, *common, "--save-every", 3, ranks=2, scratch=False,
+              check=False, env={faults.KILL_AFTER_STEP_ENV: "4"})
+    assert r.returncode != 0
+    train(demo_dataset, cut, init, *common, ranks=2, scratch=False)
+    assert losses(cut) == losses(full)
+    assert [r["step"] for r in records(cut, "train")] == list(range(1, STEPS + 1))
