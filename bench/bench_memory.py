@@ -100,23 +100,29 @@ def families() -> None:
     t4 = HardwareFacts.from_spec(KNOWN_GPUS["T4"])
     print(f"Machine: {machine()}; date {date.today()}; FakeTensorMode + MemTracker; "
           f"setting {FAMILY_SETTING.describe()}\n")
-    print("| model | params | seq | predicted GiB | measured GiB | error | `ptlm plan --gpu T4 "
-          "--global-batch 16` chooses |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | params | seq | peak: predicted GiB | measured GiB | error | forward/backward"
+          " peak: predicted | measured | error | `ptlm plan --gpu T4 --global-batch 16` chooses |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in PUBLISHED:
         config = published_config(name)
         for seq in FAMILY_SEQS:
             t0 = time.time()
             facts = facts_for(config, name, seq)
-            predicted = estimate(facts, h100, Job(seq), FAMILY_SETTING).peak_tensor_bytes
-            measured = measure_step(config, FAMILY_SETTING, seq)["peak_bytes"]
+            predicted = estimate(facts, h100, Job(seq), FAMILY_SETTING)
+            step = measure_step(config, FAMILY_SETTING, seq)
+            measured = step["peak_bytes"]
+            # the activations' moment: a large model's peak is its optimizer step
+            fb = predicted.forward_backward_peak
+            fb_measured = max(step["phase_peaks"]["forward"], step["phase_peaks"]["backward"])
+            predicted = predicted.peak_tensor_bytes
             try:
                 p = plan(facts, t4, Job(seq, 16))
                 chosen = f"{p.setting.describe()} × {p.grad_accum}"
             except Exception as e:  # noqa: BLE001 - "does not fit" is a row too
                 chosen = f"nothing fits ({str(e).splitlines()[0][:60]}...)"
             print(f"| {name} | {facts.parameters / 1e6:.0f} M | {seq} | {predicted / GiB:.2f} | "
-                  f"{measured / GiB:.2f} | {predicted / measured - 1:+.1%} | {chosen} | "
+                  f"{measured / GiB:.2f} | {predicted / measured - 1:+.1%} | {fb / GiB:.2f} | "
+                  f"{fb_measured / GiB:.2f} | {fb / fb_measured - 1:+.1%} | {chosen} | "
                   f"<!-- {time.time() - t0:.0f} s -->", flush=True)
 
 
