@@ -75,3 +75,49 @@ def test_distributed_init_checks_the_locks_before_deepspeed(monkeypatch):
     monkeypatch.setattr(oplocks, "check_op_locks", stale)
     with pytest.raises(PtlmError, match="stale lock"):
         distributed.init()
+
+
+# A `ninja` first on PATH that is not the environment's own: it records that it was asked and
+# fails. Another ninja version hashes the same build commands differently, so torch's JIT build
+# (which runs whatever `ninja` PATH finds) rebuilt every prebuilt op: 290 s for CPU Adam and the
+# shared-memory op on the 2-core dev machine with /usr/bin/ninja 1.11.1 against the venv's 1.13.
+OTHER_NINJA = """#!/bin/sh
+echo "$@" >> "{calls}"
+[ "$1" = "--version" ] && echo 1.11.1 && exit 0
+exit 1
+"""
+
+OPS = ("cpu_adam", "deepspeed_shm_comm")
+LOAD_OPS = ("import ptlm.run; from deepspeed.accelerator import get_accelerator; "
+            "[get_accelerator().create_op_builder(n).load(verbose=False) "
+            "for n in ('CPUAdamBuilder', 'ShareMemCommBuilder')]")
+
+
+def test_a_process_started_another_way_compiles_nothing(tmp_path):
+    """After install (scripts/env.sh prebuilt the ops with the venv's ninja), a process started
+    without activating the venv, another ninja first on PATH, loads the ops without compiling:
+    ptlm puts its environment's ninja first. The ops are copied to a private
+    TORCH_EXTENSIONS_DIR so the shared build folder is not touched."""
+    import os
+    import shutil
+
+    root = oplocks.extensions_root()
+    if not all((root / op / f"{op}.so").exists() for op in OPS):
+        pytest.skip(f"the DeepSpeed ops are not prebuilt in {root} (PTLM_PREBUILD_OPS=0?)")
+    ext = tmp_path / "ext"
+    for op in OPS:
+        shutil.copytree(root / op, ext / op, symlinks=True)
+    before = {op: (ext / op / ".ninja_log").read_text() for op in OPS}
+    other = tmp_path / "other_bin"
+    other.mkdir()
+    calls = tmp_path / "calls"
+    (other / "ninja").write_text(OTHER_NINJA.format(calls=calls))
+    (other / "ninja").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    env.update(PATH=f"{other}:/usr/bin:/bin", TORCH_EXTENSIONS_DIR=str(ext),
+               DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", LOAD_OPS], env=env, capture_output=True,
+                       text=True, timeout=300, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not calls.exists(), f"another ninja was run: {calls.read_text()}"
+    assert {op: (ext / op / ".ninja_log").read_text() for op in OPS} == before

@@ -180,6 +180,40 @@ def check_op_locks(root: Path | None = None, wait_s: float | None = None,
     return removed
 
 
+def own_ninja_dir() -> Path | None:
+    """The folder of this Python environment's `ninja` (the venv's bin, beside sys.executable,
+    or the `ninja` package's), None when it has none."""
+    here = Path(sys.executable).parent
+    if (here / "ninja").is_file() and os.access(here / "ninja", os.X_OK):
+        return here
+    try:
+        import ninja  # the PyPI package ships the binary
+
+        folder = Path(getattr(ninja, "BIN_DIR", ""))
+    except ImportError:
+        return None
+    return folder if (folder / "ninja").is_file() else None
+
+
+def use_own_ninja() -> Path | None:
+    """Put this environment's ninja first on PATH (for this process and its children).
+
+    torch's JIT build of DeepSpeed's ops runs whatever `ninja` PATH finds, and another ninja
+    version hashes the very same build commands differently: every prebuilt op was compiled
+    again (CPU Adam and the shared-memory op: 290 s on the 2-core dev machine, 13 min in issue
+    19) when ptlm ran without the venv activated (`.venv/bin/python bench/...`) and
+    /usr/bin/ninja came first. scripts/env.sh prebuilds with the venv's ninja, so every later
+    process uses that one too, however it is started. Returns the folder put first."""
+    folder = own_ninja_dir()
+    if folder is None:
+        return None
+    parts = os.environ.get("PATH", "").split(os.pathsep)
+    if parts and parts[0] != str(folder):
+        os.environ["PATH"] = os.pathsep.join([str(folder), *[p for p in parts
+                                                             if p != str(folder)]])
+    return folder
+
+
 def prebuild_ops(names: tuple[str, ...] = ("CPUAdamBuilder",)) -> list[str]:
     """Build (JIT, into torch's extensions folder) the DeepSpeed ops ptlm uses, so that the
     first run does not: called by scripts/env.sh after installing. Returns the ops built."""
@@ -187,6 +221,7 @@ def prebuild_ops(names: tuple[str, ...] = ("CPUAdamBuilder",)) -> list[str]:
 
     accel = get_accelerator()
     names = names + (("ShareMemCommBuilder",) if accel.device_name() == "cpu" else ())
+    use_own_ninja()
     check_op_locks()
     built = []
     for name in names:
