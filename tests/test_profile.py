@@ -180,3 +180,16 @@ def test_configs_that_are_not_causal_lms_are_refused_in_one_line(model_type, say
     assert main(["plan", "--model", str(tmp_path), "--seq-len", "512", "--gpu", "T4"]) != 0
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_plan_verify_measures_an_eager_only_family(tmp_path, capsys):
+    """`ptlm plan --verify` builds the model as training would (Gemma 2 has no SDPA path: eager)
+    and its measured step agrees with the plan."""
+    import json
+
+    make, _ = LOGIT_TRANSFORMS["gemma2-softcap"]
+    make().save_pretrained(tmp_path)
+    assert main(["plan", "--model", str(tmp_path), "--seq-len", "512", "--global-batch", "8",
+                 "--gpu", "T4", "--verify", "--json"]) == 0
+    verify = json.loads(capsys.readouterr().out)["verify"]
+    assert abs(verify["error"]) < TOLERANCE

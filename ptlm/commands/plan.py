@@ -86,7 +86,7 @@ def verify(model_spec: str, p: Plan) -> dict:
         return {"skipped": f"{setting.describe()}: --verify measures one device (ZeRO-0 without "
                            "offload); sharded settings rest on DeepSpeed's own accounting"}
     config = resolve_config(model_spec)
-    m = measure_step(config, setting, p.job.seq_len)
+    m = measure_step(config, setting, p.job.seq_len, attn="auto")
     predicted = p.memory.peak_tensor_bytes
     return {"measured_peak_bytes": m["peak_bytes"], "predicted_peak_tensor_bytes": predicted,
             "error": predicted / m["peak_bytes"] - 1, "measured_phase": m["peak_phase"],

@@ -97,7 +97,7 @@ def measure_step(config, setting: Setting, seq_len: int, steps: int = 2, fake: b
     if engine not in ("torch", "deepspeed"):
         raise PtlmError(f"engine must be 'auto', 'torch' or 'deepspeed', got {engine!r}")
     start = time.perf_counter()
-    if attn == "sdpa":
+    if attn in ("sdpa", "auto"):  # "auto": SDPA, or eager where the model has no SDPA path
         config = without_attention_dropout(config)
     with fake_trace() if fake else contextlib.nullcontext():
         model = load_model(config, setting.precision, attn=attn, checkpointing=setting.checkpointing)
