@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from transformers import masking_utils
 from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 from torch.distributed._tools.mem_tracker import MemTracker, _ModState
@@ -78,8 +79,6 @@ def fake_trace():
     (Qwen3-shaped layer, fp32, T=384: 34,392 bytes/token traced without this, 30,808 with it and
     on real tensors.)
     """
-    from transformers import masking_utils
-
     detect = masking_utils.find_packed_sequence_indices
     masking_utils.find_packed_sequence_indices = _not_packed
     try:
