@@ -109,7 +109,7 @@ def real_sizes(budget_s: float) -> Sizes:
                  train_blocks=420, headline_steps=20, throughput_steps=10, warmup_steps=3,
                  backoff_steps=3, headline_lr=6e-4, parallel=6, probe_global=64, truth_limit=128,
                  budget_s=budget_s,
-                 stage_min_s={"headline": 60, "probe": 60, "backoff": 40, "throughput": 70,
+                 stage_min_s={"headline": 120, "probe": 60, "backoff": 40, "throughput": 70,
                               "accuracy": 60})
 
 
@@ -306,9 +306,10 @@ def child_init(argv: list[str]) -> None:
     config.vocab_size = max(config.vocab_size, -(-vocab // 8) * 8)
     config.dropout = config.attention_dropout = config.activation_dropout = 0.0
     torch.manual_seed(HEADLINE_SEED)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(dest)
-    print(json.dumps({"parameters": sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(
-        dest).parameters()), "vocab_size": config.vocab_size}))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(dest)
+    print(json.dumps({"parameters": sum(p.numel() for p in model.parameters()),
+                      "vocab_size": config.vocab_size}))
 
 
 def child_reference(argv: list[str]) -> None:
@@ -662,6 +663,9 @@ class Check:
         info = last_json(r["stdout"]) or {"error": r.get("tail", "no output")}
         self.record["environment"] = {**info, "date": _now(), "host": platform.node(),
                                       "cpus": os.cpu_count()}
+        self.record["versions"] = versions = version_report(info)
+        print("[gpu_check] versions that ran: " + "; ".join(
+            f"{v['package']} {v['version']} ({v['verdict']})" for v in versions), flush=True)
         self.device = info
         if not self.sizes.rehearse and not info.get("cuda_available"):
             raise SystemExit("gpu_check: no CUDA GPU here; use --rehearse for the CPU rehearsal")
@@ -1113,6 +1117,49 @@ class Check:
             rec["status"] = "failed"
 
 
+VERSIONED = ("torch", "transformers", "deepspeed", "bitsandbytes", "tokenizers", "pyarrow",
+             "numpy")
+
+
+def declared_requirements() -> dict:
+    """setup.cfg's install_requires, by package name."""
+    import configparser
+
+    from packaging.requirements import Requirement
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    reqs = [Requirement(line.strip()) for line in
+            cfg.get("options", "install_requires").splitlines() if line.strip()]
+    return {r.name: r for r in reqs}
+
+
+def version_report(info: dict) -> list[dict]:
+    """Each package's version in the checked environment against the range setup.cfg declares
+    (and tests: docs/benchmarks.md, "Versions"): a version outside it is one this check is the
+    first to run ptlm with, and says so."""
+    from packaging.version import InvalidVersion, Version
+
+    declared = declared_requirements()
+    out = []
+    for name in VERSIONED:
+        have, req = info.get(name), declared.get(name)
+        if have is None:
+            verdict = "missing"
+        elif req is None:
+            verdict = "not declared"
+        else:
+            try:
+                inside = req.specifier.contains(Version(have), prereleases=True)
+            except InvalidVersion:
+                inside = False
+            verdict = (f"within setup.cfg's {req.specifier}" if inside else
+                       f"OUTSIDE setup.cfg's {req.specifier}: untested until this run")
+        out.append({"package": name, "version": have, "declared": str(req.specifier)
+                    if req else None, "verdict": verdict})
+    return out
+
+
 # ptlm/run/engine.py's warning when DeepSpeed skipped an update on an fp16 overflow.
 SKIPPED_STEP = re.compile(r"fp16 gradient overflow in optimizer step (\d+): update skipped")
 
@@ -1265,6 +1312,10 @@ def render_md(rec: dict) -> str:
              f"accelerate {env.get('accelerate')}, Python {env.get('python')}. "
              f"Elapsed {rec.get('elapsed_s')} s of a {rec.get('budget_s')} s budget.", "",
              "| stage | status | seconds | note |", "|---|---|---|---|"]
+    outside = [f"{v['package']} {v['version']} (setup.cfg {v['declared']})"
+               for v in rec.get("versions", []) if v["verdict"].startswith("OUTSIDE")]
+    if outside:
+        lines[4:4] = [f"Versions outside ptlm's declared, tested range: {', '.join(outside)}.", ""]
     for name in STAGES:
         s = st.get(name, {"status": "not run"})
         note = s.get("error") or s.get("note") or ""
@@ -1438,6 +1489,9 @@ def main(argv: list[str] | None = None) -> int:
     check.record["models"] = {"small": sizes.small, "large": sizes.large}
     if wheels_rec:
         check.record["wheels"] = wheels_rec
+        print(f"[gpu_check] wheels: installed {wheels_rec.get('installed')}, kept the "
+              f"environment's {wheels_rec.get('already_there')}"
+              + (f", error {wheels_rec['error']}" if "error" in wheels_rec else ""), flush=True)
     prebuild = None
     try:
         check.setup_env()

@@ -48,6 +48,10 @@ def test_rehearsal_runs_every_stage(tmp_path):
     env = rec["environment"]
     for key in ("torch", "transformers", "deepspeed", "bitsandbytes", "date", "driver"):
         assert key in env
+    # this venv is what setup.cfg declares tested: every version within its range, and said so
+    assert all(v["verdict"].startswith("within") for v in rec["versions"]
+               if v["package"] in ("torch", "transformers", "deepspeed")), rec["versions"]
+    assert "[gpu_check] versions that ran: torch " in r.stdout
 
     st = rec["stages"]
     head = st["headline"]
@@ -132,6 +136,12 @@ def test_search_helpers():
     text = 'DeepSpeed op built\n{"a": 1}\nnoise {"b": 2}\n{\n  "trials": {"4": {"fits": true}}\n}\n'
     assert gc.last_json(text) == {"trials": {"4": {"fits": True}}}
     assert gc.last_json("nothing") is None
+    # the steps DeepSpeed skipped, as ptlm's engine logs them (the reference skips them too)
+    from ptlm.run.engine import SKIPPED_STEP_MESSAGE
+
+    log = "\n".join(f"[12:00 rank 0/1 WARNING ptlm.run.engine] {SKIPPED_STEP_MESSAGE}" % args
+                    for args in ((3, 65536, 32768), (1, 131072, 65536), (3, 65536, 32768)))
+    assert gc.skipped_steps(log) == [1, 3] and gc.skipped_steps("no overflow") == []
 
 
 def test_the_truth_search_runs_as_many_capped_children_as_the_free_memory_holds(tmp_path):
@@ -149,6 +159,21 @@ def test_the_truth_search_runs_as_many_capped_children_as_the_free_memory_holds(
         assert got == 1 or got * per_child <= gc.FREE_MEMORY_USABLE * free
     check.device = {"free_memory": None}  # the CPU rehearsal: no device memory to share
     assert check.parallel_under(t4) == sizes.parallel
+
+
+def test_versions_are_checked_against_the_declared_range():
+    """The check says which versions ran and flags those setup.cfg does not declare tested (the
+    lent GPU machines have torch 2.11; setup.cfg states what the suite tested)."""
+    gc = _module()
+    declared = gc.declared_requirements()
+    low = str(min(s.version for s in declared["torch"].specifier if s.operator == ">="))
+    rows = {r["package"]: r for r in gc.version_report(
+        {"torch": "2.11.0+cu130", "transformers": "5.23.0", "deepspeed": None})}
+    assert rows["torch"]["verdict"].startswith("OUTSIDE") and low in rows["torch"]["declared"]
+    assert rows["transformers"]["verdict"].startswith("within")
+    assert rows["deepspeed"]["verdict"] == "missing"
+    md = gc.render_md({"rehearsal": False, "started": "now", "versions": list(rows.values())})
+    assert "Versions outside ptlm's declared, tested range: torch 2.11.0+cu130" in md
 
 
 def test_carried_wheels_match_this_environment(tmp_path):

@@ -157,6 +157,11 @@ def _deepspeed_loss_factor(engine) -> float:
     return float(leaf.grad)
 
 
+# bench/gpu_check.py reads the skipped steps from this line (its reference skips them too).
+SKIPPED_STEP_MESSAGE = ("fp16 gradient overflow in optimizer step %d: update skipped (weights and "
+                        "LR schedule unchanged, the batch consumed); loss scale %g -> %g")
+
+
 def _log_skipped_steps(engine) -> None:
     """fp16: say when DeepSpeed skipped an update because a gradient overflowed, and what the
     loss scale became. DeepSpeed decides it on every rank alike (its overflow flag is all-reduced)
@@ -169,9 +174,7 @@ def _log_skipped_steps(engine) -> None:
         skipped, scale = engine.skipped_steps, _loss_scale(engine)
         out = ds_step(*args, **kwargs)
         if engine.skipped_steps > skipped:
-            log.warning("fp16 gradient overflow in optimizer step %d: update skipped (weights and "
-                        "LR schedule unchanged, the batch consumed); loss scale %g -> %g",
-                        engine.global_steps, scale, _loss_scale(engine))
+            log.warning(SKIPPED_STEP_MESSAGE, engine.global_steps, scale, _loss_scale(engine))
         return out
 
     engine.step = step
