@@ -13,7 +13,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ptlm.errors import PtlmError
-from ptlm.plan.facts import KNOWN_CONFIGS, KNOWN_NAMES, ModelFacts
+from ptlm.plan.facts import KNOWN_CONFIGS, KNOWN_NAMES, ModelFacts, has_hand_activations
 
 # Hub names whose config is in the built-in table: planning for them needs no network.
 KNOWN_HUB_NAMES = {"facebook/opt-125m": "opt-125m", "facebook/opt-350m": "opt-350m",
@@ -124,6 +124,9 @@ def max_positions(config) -> int | None:
 def model_facts(spec: str, seq_len: int = DEFAULT_PROFILE_SEQ) -> ModelFacts:
     """The planner's facts for `spec` at `seq_len`: from its config alone (no weights), by a hand
     reader or measured on the meta device and under FakeTensorMode (ptlm.model.profile)."""
-    from ptlm.model.profile import facts_for  # torch: only for architectures without a hand reader
+    config = resolve_config(spec)
+    if has_hand_activations(config):  # OPT, GPT-2: formulas only, no torch
+        return ModelFacts.from_config(config, name=display_name(spec))
+    from ptlm.model.profile import facts_for  # torch and a trace: only for measured architectures
 
-    return facts_for(resolve_config(spec), display_name(spec), seq_len)
+    return facts_for(config, display_name(spec), seq_len)
