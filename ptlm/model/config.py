@@ -125,8 +125,8 @@ def model_facts(spec: str, seq_len: int = DEFAULT_PROFILE_SEQ) -> ModelFacts:
     """The planner's facts for `spec` at `seq_len`: from its config alone (no weights), by a hand
     reader or measured on the meta device and under FakeTensorMode (ptlm.model.profile)."""
     config = resolve_config(spec)
-    if has_hand_activations(config):  # OPT, GPT-2: formulas only, no torch
+    if has_hand_activations(config):  # OPT, GPT-2: formulas only, no trace
         return ModelFacts.from_config(config, name=display_name(spec))
-    from ptlm.model.profile import facts_for  # torch and a trace: only for measured architectures
+    from ptlm.model.profile import facts_for  # the tracer: only for measured architectures
 
     return facts_for(config, display_name(spec), seq_len)
