@@ -19,9 +19,13 @@
 #   bitsandbytes   the PyPI manylinux x86_64 wheel (pinned in constraints.txt), slimmed to the CUDA
 #                  builds named in BNB_CUDA (default 128 130 132: the image's torch is cu130) and
 #                  the CPU one: the full wheel (43 MB) would crowd the 64 MiB out
-#   pydantic, pydantic-core, annotated-types, typing-inspection, hjson, typing-extensions
-#                  DeepSpeed's needs that the image lacks, at the versions installed here
-#                  (gpu_check.py installs each only where the image has none or an older one)
+#   pydantic, pydantic-core, annotated-types, typing-inspection, hjson, typing-extensions,
+#   einops, msgpack, py-cpuinfo
+#                  DeepSpeed's needs that the image may lack, at the versions installed here
+#                  (gpu_check.py installs each only where the image has none or an older one):
+#                  `import deepspeed` with ptlm's engine imports einops and msgpack, and CPU Adam
+#                  (the offload rows) imports cpuinfo; torch and transformers are the image's own
+#                  (2.11 and 5.17 on the lent machines; gpu_check prints which ran)
 # The device's Python is 3.12 (GPU_PYTHON_VERSION to change it), x86-64.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,7 +51,8 @@ DS_BUILD_OPS=0 DS_ACCELERATOR=cuda "$PY" -m pip wheel -q --no-deps --no-binary d
     --no-build-isolation --no-cache-dir -w "$DEST" "deepspeed==$DS" 2>&1 | grep -v '^WARNING: Location' || true
 ls "$DEST"/deepspeed-"$DS"-*.whl >/dev/null
 
-EXTRA=(pydantic pydantic_core annotated_types typing_inspection hjson typing_extensions)
+EXTRA=(pydantic pydantic_core annotated_types typing_inspection hjson typing_extensions einops msgpack
+       py_cpuinfo)
 SPECS=("bitsandbytes==$BNB")
 for p in "${EXTRA[@]}"; do SPECS+=("$p==$(here "$p")"); done
 echo "downloading for cp${PYVER/./} manylinux x86_64: ${SPECS[*]}"

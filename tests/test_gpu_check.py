@@ -184,7 +184,8 @@ def test_carried_wheels_match_this_environment(tmp_path):
         pytest.skip("no .gpu_wheels/ here: run bench/gpu_wheels.sh")
     rec = _module().install_wheels(folder, tmp_path / "site")
     names = {w.split("-")[0].lower() for w in list(rec["already_there"]) + rec["installed"]}
-    assert {"deepspeed", "bitsandbytes", "pydantic", "pydantic_core", "hjson"} <= names
+    assert {"deepspeed", "bitsandbytes", "pydantic", "pydantic_core", "hjson", "einops",
+            "msgpack", "py_cpuinfo"} <= names
     assert rec["installed"] == []  # same versions as this venv: nothing to install here
 
 
