@@ -197,3 +197,10 @@ def test_plan_verify_measures_an_eager_only_family(tmp_path, capsys):
                  "--gpu", "T4", "--verify", "--json"]) == 0
     verify = json.loads(capsys.readouterr().out)["verify"]
     assert abs(verify["error"]) < TOLERANCE
+
+
+def test_an_unknown_model_type_is_one_line_naming_the_fix(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"model_type": "brandnewlm", "hidden_size": 64}')
+    assert main(["plan", "--model", str(tmp_path), "--seq-len", "512", "--gpu", "T4"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "upgrade transformers" in err

@@ -105,6 +105,14 @@ def resolve_config(spec: str):
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - transformers raises many types; the user needs one message
+        if "does not recognize this architecture" in str(e):
+            import transformers
+
+            raise PtlmError(
+                f"--model {spec}: its model_type is not an architecture transformers "
+                f"{transformers.__version__} knows: if the model is newer, upgrade transformers "
+                "(pip install -U transformers); ptlm does not run a model's own code "
+                "(trust_remote_code)") from None
         raise PtlmError(
             f"--model {spec}: cannot read its config ({type(e).__name__}: {e}). Give a folder with "
             f"config.json, a hub name (needs network), or a built-in alias: "
