@@ -8,11 +8,10 @@ Only the config is read: no weights, and remote code is never trusted.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from ptlm.errors import PtlmError
+from ptlm.hub import HUB_PROBE_TIMEOUT_S, OFFLINE_ENV, PROXY_ENV, hub_unreachable, offline  # noqa: F401
 from ptlm.plan.facts import KNOWN_CONFIGS, KNOWN_NAMES, ModelFacts, has_hand_activations
 
 # Hub names whose config is in the built-in table: planning for them needs no network.
@@ -23,11 +22,6 @@ KNOWN_HUB_NAMES = {"facebook/opt-125m": "opt-125m", "facebook/opt-350m": "opt-35
 # Config fields that hold the length of the position table, by architecture family.
 MAX_POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length",
                        "seq_length", "max_seq_len")
-OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-PROXY_ENV = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
-# Without network, huggingface_hub retries for ~30 s before transformers gives up: one TCP
-# connect to the hub, bounded by this, tells first.
-HUB_PROBE_TIMEOUT_S = 3.0
 # The sequence length a measured profile is fitted at when the caller names none (hand readers
 # ignore it): the activation terms are exact there and extrapolated elsewhere.
 DEFAULT_PROFILE_SEQ = 1024
@@ -59,24 +53,6 @@ def known_config(alias: str):
     return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
 
 
-def _offline() -> bool:
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in OFFLINE_ENV)
-
-
-def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
-    """Why the hub (HF_ENDPOINT) cannot be reached, or None when it can (or behind a proxy,
-    which a direct connect cannot judge)."""
-    if any(os.environ.get(k) for k in PROXY_ENV):
-        return None
-    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as e:
-        return f"{host}:{port}: {e.strerror or e}"
-    return None
-
-
 def resolve_config(spec: str):
     """The transformers config for `spec`: built-in table first (offline), then a local folder or
     config.json, then the hub. Offline (HF_HUB_OFFLINE) or with the hub unreachable, only the
@@ -89,14 +65,14 @@ def resolve_config(spec: str):
     path = Path(spec).expanduser()
     source = str(path.parent) if path.name == "config.json" else str(spec)
     if not Path(source).exists():
-        why = "the hub is off (HF_HUB_OFFLINE)" if _offline() else hub_unreachable()
+        why = "the hub is off (HF_HUB_OFFLINE)" if offline() else hub_unreachable()
         if why is not None:
             try:
                 return AutoConfig.from_pretrained(source, trust_remote_code=False,
                                                   local_files_only=True)
             except Exception:  # noqa: BLE001 - not in the local cache
                 pass
-            if not _offline():
+            if not offline():
                 why = f"the Hugging Face hub is unreachable ({why}); set HF_HUB_OFFLINE=1 when " \
                       "working without network"
             raise PtlmError(f"--model {spec}: not a local folder nor in the local Hugging Face "
