@@ -125,6 +125,7 @@ def _free_probe(rank: int, port: int, out: str) -> None:
         json.dump(seen, f)
 
 
+@pytest.mark.slow  # a race by nature: which thread drops the last reference depends on the load
 def test_the_profiler_misses_frees_made_on_gloo_threads(tmp_path):
     """The bench's premise, shown (not argued): torch.profiler records a free only on a thread it
     profiles. Every free of a tensor only the main thread touched is recorded; of tensors whose
@@ -153,8 +154,10 @@ def test_the_profiler_misses_frees_made_on_gloo_threads(tmp_path):
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(s["main_thread"] == FREE_PROBE_ITERATIONS for s in seen), seen
     assert all(s[m] <= FREE_PROBE_ITERATIONS for s in seen for m in s), seen
-    # most frees gloo's threads make are never recorded (13-16 of 40 seen per rank here)
-    assert all(s["gloo_drops_last"] <= 0.75 * FREE_PROBE_ITERATIONS for s in seen), seen
+    # frees gloo's threads make go unrecorded: 13-16 of 40 seen per rank on a quiet machine; under
+    # load the main thread more often drops the last reference itself (34 and 18 seen in one
+    # fresh-clone run), so the check is that some are missed, not how many
+    assert any(s["gloo_drops_last"] < FREE_PROBE_ITERATIONS for s in seen), seen
 
 
 def test_the_measured_step_is_steady(measured):
