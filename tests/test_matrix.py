@@ -112,6 +112,9 @@ def _alive(pid: int) -> bool:
         return False
 
 
+HOLD_PAST_TIMEOUT_S = 120  # each rank stays busy this long: well past the 8 s timeout
+
+
 def test_a_setting_past_its_timeout_is_a_failed_row_and_leaves_no_process(tmp_path, demo_dataset,
                                                                           init):
     """bench_matrix runs hundreds of settings: one past its timeout must record a failed row, not
@@ -128,7 +131,8 @@ def test_a_setting_past_its_timeout_is_a_failed_row_and_leaves_no_process(tmp_pa
     children.mkdir()
     t0 = time.monotonic()
     launch = mx._launch(init, demo_dataset, tmp_path / "run", setting,
-                        env={"PTLM_TEST_SPAWN_CHILD": str(children)}, timeout=8)
+                        env={"PTLM_TEST_SPAWN_CHILD": str(children),
+                             "PTLM_TEST_HOLD_S": str(HOLD_PAST_TIMEOUT_S)}, timeout=8)
     assert launch.timed_out and time.monotonic() - t0 < 60
     pids = [int(p.name) for p in children.iterdir()]
     assert len(pids) == mx.RANKS  # each rank had started its child before the kill

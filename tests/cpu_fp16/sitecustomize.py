@@ -60,3 +60,8 @@ if os.environ.get("PTLM_TEST_SPAWN_CHILD"):
 
     _child = subprocess.Popen(["sleep", "600"])
     open(os.path.join(os.environ["PTLM_TEST_SPAWN_CHILD"], str(_child.pid)), "w").close()
+    # ...and stays busy as long as asked (PTLM_TEST_HOLD_S), so that the harness's timeout, not
+    # the speed of the machine, decides whether it is killed (a tiny run can finish in 8 s)
+    import time
+
+    time.sleep(float(os.environ.get("PTLM_TEST_HOLD_S", "0")))
