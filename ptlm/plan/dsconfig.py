@@ -72,7 +72,7 @@ def build_ds_config(plan: Plan, hyper: OptimizerHyper | None = None) -> dict:
         "zero_optimization": _zero_block(plan),
         "steps_per_print": STEPS_PER_PRINT,
         "wall_clock_breakdown": False,
-        # The hyper-parameters. ptlm builds the optimizer itself (ptlm/optim.py) and hands it to
+        # The hyper-parameters. ptlm builds the optimizer itself (ptlm/model/optim.py) and hands it to
         # deepspeed.initialize, which then ignores this type; it is the CPU-Adam fallback.
         "optimizer": {"type": "AdamW", "params": {
             "lr": hyper.lr, "betas": list(hyper.betas), "eps": hyper.eps,

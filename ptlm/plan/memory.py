@@ -59,7 +59,7 @@ FP32_GRAD_BYTES = 4
 # (zero/utils.py get_norm_dtype: fp64 where supported); see _backward_end.
 GRAD_NORM_BYTES = 8
 ZERO3_NORM_CHUNK_ELEMENTS = 250_000_000  # stage3.py _constant_buffered_norm2's buffer_size
-# ptlm hands DeepSpeed a client optimizer (ptlm/optim.py: torch AdamW, bitsandbytes, CPU-Adam),
+# ptlm hands DeepSpeed a client optimizer (ptlm/model/optim.py: torch AdamW, bitsandbytes, CPU-Adam),
 # so 16-bit ZeRO-0 runs FP16_UnfusedOptimizer: one fp32 master and one fp32 grad per parameter
 # (built for all params at once in step()), no flat copies.
 # ZeRO-1/2 (stage_1_and_2.py step) build the fp32 grad partition from a flat 16-bit copy of it:

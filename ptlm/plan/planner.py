@@ -3,7 +3,7 @@
 `plan(model, hw, job, forced)` is pure. It enumerates every valid `Setting` (precision × ZeRO stage
 × offload × checkpointing × optimizer × chunked loss; `Setting` itself refuses the invalid
 combinations), keeps only the forced values where some are given, finds for each the largest
-micro-batch that fits (`ptlm.memory.estimate`), splits the global batch into micro-batch ×
+micro-batch that fits (`ptlm.plan.memory.estimate`), splits the global batch into micro-batch ×
 accumulation × GPUs, predicts tokens/s, and returns the fastest. Candidates within
 `TIE_TOLERANCE` of the fastest count as ties, broken by `_preference` (the least intrusive setting).
 

@@ -67,7 +67,7 @@ def measure_step(config, setting: Setting, seq_len: int, steps: int = 2, fake: b
       - After backward the engine all-reduces the grads even on one GPU, through a flat copy of
         up to 5e8 elements per bucket (allreduce_no_retain); emulated at the start of step().
       - fp32 at ZeRO-0: DeepSpeed steps the client optimizer directly (plus the bucket copy).
-      Not emulated: ZeRO-1/2/3 and offload (use ptlm.memory), the CUDA context, allocator
+      Not emulated: ZeRO-1/2/3 and offload (use ptlm.plan.memory), the CUDA context, allocator
       fragmentation/caching, and kernel workspaces (cuBLAS) -- the measured figure is the sum of
       live tensors, what torch.cuda.max_memory_allocated would report at best.
 
@@ -89,7 +89,7 @@ def measure_step(config, setting: Setting, seq_len: int, steps: int = 2, fake: b
     """
     if setting.zero != 0:
         raise PtlmError(f"measure_step runs one device, ZeRO stage 0; got ZeRO-{setting.zero}. "
-                        "Estimate sharded settings with ptlm.memory")
+                        "Estimate sharded settings with ptlm.plan.memory")
     if steps < 1 or seq_len < 2:
         raise PtlmError(f"need steps >= 1 and seq_len >= 2, got steps={steps}, seq_len={seq_len}")
     if engine == "auto":
