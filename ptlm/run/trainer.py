@@ -1,6 +1,6 @@
 """The training run: `deepspeed launch/train.py ...` (or `python launch/train.py ...`).
 
-    setup (ptlm.runsetup) -> DeepSpeed engine -> [resume] -> eval at step 0
+    setup (ptlm.run.setup) -> DeepSpeed engine -> [resume] -> eval at step 0
     -> for each optimizer step: `accum` micro-batches through engine(...) / engine.backward,
        engine.step(); log; eval / save when due; at each epoch end: eval + save
     -> export the HF folder -> report.md + loss.png
