@@ -95,11 +95,16 @@ def resolve_config(spec: str):
             f"{', '.join(KNOWN_CONFIGS)}") from None
 
 
+def text_config(config):
+    """The language model's part of a config (a multimodal config nests it)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def max_positions(config) -> int | None:
     """The longest sequence the model supports (its position table), or None if the config is silent."""
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     for name in MAX_POSITION_FIELDS:
-        value = getattr(text_config, name, None)
+        value = getattr(text, name, None)
         if isinstance(value, int) and value > 0:
             return value
     return None

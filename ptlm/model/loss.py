@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptlm.errors import PtlmError
+from ptlm.model.config import text_config
 
 IGNORE_INDEX = -100  # Hugging Face's label for "no loss here" (padding, prompt tokens)
 LOGITS_CHUNK_BYTES = 128 * 2**20  # fp32 logits per chunk; the chunk's peak is ~1.5-2x this
@@ -187,7 +188,7 @@ def check_chunkable(model) -> nn.Linear:
     if not isinstance(head, nn.Linear):
         raise PtlmError(f"{type(model).__name__}'s LM head is {type(head).__name__}, not a plain "
                         "Linear layer: the chunked loss cannot replace it; train with chunked_loss off")
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model.config)
     for field in LOGIT_TRANSFORM_FIELDS:
         if getattr(config, field, None) not in (None, 1, 1.0):
             raise PtlmError(f"{type(model).__name__} transforms its logits after the LM head "

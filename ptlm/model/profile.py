@@ -36,7 +36,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_N
 from torch.distributed._tools.mem_tracker import MemTracker, _ModState
 
 from ptlm.errors import PtlmError
-from ptlm.model.config import max_positions
+from ptlm.model.config import max_positions, text_config
 from ptlm.model.loss import causal_lm_loss, check_chunkable
 from ptlm.plan.facts import (
     ActivationProfile,
@@ -106,10 +106,6 @@ def without_attention_dropout(config):
             if getattr(target, field, 0.0):
                 setattr(target, field, 0.0)
     return config
-
-
-def text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 # ----------------------------------------------------------------------------------------------
