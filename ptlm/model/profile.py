@@ -171,7 +171,7 @@ def measured_facts(config, name: str, seq_len: int) -> ModelFacts:
     if not structure["rotary"] and structure["positions"]:
         seq_len = min(seq_len, structure["positions"])  # the planner refuses longer, clearly
     attention = model.config._attn_implementation  # what training builds: SDPA, else eager
-    facts = ModelFacts(name=name, activations=activation_profile(config, seq_len, attention),
+    facts = ModelFacts(name=name, activations=activation_profile(config, seq_len, attention, model),
                        **structure)
     _write_cache(key, facts.to_dict())
     return facts
@@ -240,11 +240,12 @@ def _has_position_table(model, embed) -> bool:
 # Activations
 # ----------------------------------------------------------------------------------------------
 
-def activation_profile(config, seq_len: int, attention: str = "sdpa") -> ActivationProfile:
+def activation_profile(config, seq_len: int, attention: str = "sdpa",
+                       model=None) -> ActivationProfile:
     """Per-layer activation bytes per token, traced at seq_len and a shorter length."""
     long = max(seq_len, MIN_PROFILE_SEQ)
     short = max(long // SHORT_SEQ_DIVISOR, MIN_PROFILE_SEQ // SHORT_SEQ_DIVISOR)
-    traced, weights = representative_layers(config)
+    traced, weights = representative_layers(config, model)
     profile = {}
     for width, dtype in TRACE_DTYPES.items():
         at = {(seq, ckpt): _trace(traced, weights, dtype, seq, ckpt, attention)
@@ -268,8 +269,9 @@ def _fit(at_short: float, at_long: float, short: int, long: int) -> tuple[float,
     return at_long - per_position * long, per_position
 
 
-def representative_layers(config):
-    """(a config with one decoder layer of each kind, each traced layer's weight): the weights
+def representative_layers(config, model=None):
+    """(a config with one decoder layer of each kind, each traced layer's weight; `model`: the
+    config's meta model if the caller has built it already): the weights
     are the share of the model's layers of that kind, so sum(weight * value) is the mean layer.
 
     A layer's kind is the tuple of the config's per-layer lists at its index (layer_types,
@@ -280,7 +282,7 @@ def representative_layers(config):
     layers = _layer_count(tc)
     per_layer = {f: v for f, v in tc.to_dict().items()
                  if isinstance(v, list) and len(v) == layers and f != "architectures"}
-    signatures = _layer_signatures(meta_model(config), layers)
+    signatures = _layer_signatures(model if model is not None else meta_model(config), layers)
     kinds = [(tuple(json.dumps(v[i]) for v in per_layer.values()), signatures[i])
              for i in range(layers)]
     first = list(dict.fromkeys(kinds))  # kinds in order of first appearance
