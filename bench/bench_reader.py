@@ -26,7 +26,7 @@ def timed_epochs(make_iter) -> tuple[float, int]:
     tokens, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < MIN_SECONDS:
         for batch in make_iter():
-            tokens += batch.numel()
+            tokens += getattr(batch, "input_ids", batch).numel()  # ptlm's Batch or a tensor
     return tokens / (time.perf_counter() - t0), tokens
 
 

@@ -174,7 +174,7 @@ def measure_setting(name: str, args, rank: int) -> dict:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from ptlm.model.load import load_model
-    from ptlm.model.loss import LossModule
+    from ptlm.model.forward import LossModule
     from ptlm.model.optim import build_optimizer
     from ptlm.plan.dsconfig import build_ds_config
 

@@ -7,9 +7,11 @@ epoch e is a permutation of the blocks from numpy's default_rng([seed, e]); glob
 next `global_batch` blocks of it; the ragged tail is dropped), and trains the saved model in fp32
 on each global batch at once:
 
-    loss      Hugging Face's own mean next-token loss over every token of the global batch
-              (every packed block counts seq_len - 1 tokens, so this is exactly the mean over
-              micro-batches, ranks and accumulation steps that ptlm reports and differentiates)
+    loss      Hugging Face's own next-token loss, token-weighted over the global batch. With
+              document packing (ptlm's default) each document piece of a block (a document, or
+              the part of one a block edge cut) is run ALONE, positions from 0, and scores its own
+              length - 1 predictions: no mask, no position_ids, nothing of ptlm's mechanism.
+              With stream packing each block is one sequence of seq_len - 1 predictions.
     clipping  torch.nn.utils.clip_grad_norm_ (the global 2-norm, as DeepSpeed's)
     optimizer torch.optim.AdamW or bitsandbytes.optim.AdamW8bit; weight decay on >= 2-D weights
               that are not biases, none on biases and norm weights (the documented groups)
@@ -46,6 +48,7 @@ class Recipe:
     # nor the optimizer's state nor the LR schedule move (DeepSpeed skips the update and the
     # scheduler's step; torch.amp.GradScaler skips the optimizer's step the same way).
     skip_steps: tuple[int, ...] = ()
+    packing: str = "documents"  # or "stream"
     extra: dict = field(default_factory=dict)
 
 
@@ -55,6 +58,36 @@ def blocks(data: Path, split: str = "train") -> np.ndarray:
 
     ds = PackedDataset(data, split)
     return ds.batch(np.arange(len(ds))).numpy()
+
+
+def block_pieces(data: Path, split: str, packing: str) -> list[list[tuple[int, int]]]:
+    """Per block, its document pieces as (start, end) offsets inside the block, from the
+    split's document lengths by a plain scan ("stream": the whole block, one piece)."""
+    from ptlm.data.reader import PackedDataset  # data access only: the stored lengths
+
+    ds = PackedDataset(data, split, packing="stream")
+    T = ds.seq_len
+    if packing == "stream":
+        return [[(0, T)] for _ in range(len(ds))]
+    ends = np.cumsum(ds.document_lengths())  # stream offsets where a document ends
+    pieces = []
+    for b in range(len(ds)):
+        inside = (ends[(ends > b * T) & (ends < (b + 1) * T)] - b * T).tolist()
+        cuts = [0, *inside, T]
+        pieces.append(list(zip(cuts[:-1], cuts[1:])))
+    return pieces
+
+
+def pieces_nll(model, row: torch.Tensor, pieces: list[tuple[int, int]]):
+    """(summed NLL, predictions) of one block, each piece run alone through the HF model."""
+    total, count = row.new_zeros((), dtype=torch.float32), 0
+    for a, b in pieces:
+        if b - a < 2:  # a one-token piece predicts nothing
+            continue
+        x = row[a:b][None]
+        total = total + model(input_ids=x, labels=x).loss.float() * (b - a - 1)
+        count += b - a - 1
+    return total, count
 
 
 def global_batches(num_blocks: int, global_batch: int, seed: int, steps: int):
@@ -111,11 +144,13 @@ def reference_run(model_dir: Path, data: Path, r: Recipe, device: str = "cpu") -
         opt = torch.optim.AdamW(_groups(model, r.weight_decay), **hyper)
     sched = _schedule(opt, r)
     all_blocks = blocks(data)
+    pieces = block_pieces(data, "train", r.packing)
     losses, lrs = [], []
     for step, idx in enumerate(global_batches(len(all_blocks), r.global_batch, r.seed, r.steps),
                                start=1):
         ids = torch.from_numpy(all_blocks[idx]).to(device)
-        loss = model(input_ids=ids, labels=ids).loss
+        nll, count = zip(*(pieces_nll(model, row, pieces[i]) for row, i in zip(ids, idx)))
+        loss = sum(nll) / sum(count)
         loss.backward()
         if step not in r.skip_steps:
             if r.grad_clip > 0:
@@ -128,18 +163,20 @@ def reference_run(model_dir: Path, data: Path, r: Recipe, device: str = "cpu") -
     return {"losses": losses, "lrs": lrs}
 
 
-def hf_val_perplexity(model_dir: Path, data: Path, dtype="auto") -> float:
-    """Plain transformers: the exported model's token-weighted perplexity over every val block,
-    in the dtype it was saved in (as the run evaluated it)."""
+def hf_val_perplexity(model_dir: Path, data: Path, dtype="auto",
+                      packing: str = "documents") -> float:
+    """Plain transformers: the exported model's token-weighted perplexity over every val block
+    (each document piece alone, or each block whole for "stream"), in the dtype it was saved in
+    (as the run evaluated it)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    pieces = block_pieces(data, "val", packing)
     nll, n = 0.0, 0
     with torch.no_grad():
-        for row in blocks(data, "val"):
-            ids = torch.from_numpy(row)[None]
-            nll += model(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
-            n += ids.shape[1] - 1
+        for row, row_pieces in zip(blocks(data, "val"), pieces):
+            a, b = pieces_nll(model, torch.from_numpy(row), row_pieces)
+            nll, n = nll + float(a), n + b
     return math.exp(nll / n)
 
 

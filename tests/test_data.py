@@ -60,14 +60,14 @@ def test_eval_slices_cover_without_overlap():
 
 def blocks_seen(loader, steps=None):
     """The batches a caller takes; islice stops without pulling one batch too many."""
-    return list(itertools.islice(loader, steps))
+    return [b.input_ids for b in itertools.islice(loader, steps)]
 
 
 def global_batches(ds, world, micro, global_batch, seed=0, epochs=1):
     """Per optimizer step, the sorted multiset of block rows all ranks saw."""
     loaders = [PackedLoader(ds, micro, world_size=world, rank=r, global_batch=global_batch,
                             seed=seed) for r in range(world)]
-    per_rank = [[b for _ in range(epochs) for b in ld] for ld in loaders]
+    per_rank = [[b.input_ids for _ in range(epochs) for b in ld] for ld in loaders]
     accum = global_batch // (micro * world)
     steps = []
     for s in range(len(per_rank[0]) // accum):
@@ -147,10 +147,10 @@ def test_iterating_a_split_adds_little_resident_memory(tmp_path):
         "format": "ptlm-packed", "format_version": 1, "seq_len": T, "dtype": "uint16",
         "tokenizer": {"path": "tokenizer", "vocab_size": 50257},
         "splits": {"train": {"shards": meta, "blocks": n}}})
-    ds = PackedDataset(tmp_path, "train")
+    ds = PackedDataset(tmp_path, "train", packing="stream")  # no document lengths written
     loader = PackedLoader(ds, 16)
     before = rss_anon_kib()
-    tokens = sum(b.numel() for b in loader)
+    tokens = sum(b.input_ids.numel() for b in loader)
     grown_mib = (rss_anon_kib() - before) / 1024
     assert tokens == n // 16 * 16 * T
     assert grown_mib < 8, f"anonymous RSS grew by {grown_mib:.1f} MiB over a 40 MB split"

@@ -33,23 +33,31 @@ def hf_nll(model, ids, labels):
     return out.loss.item() * n, n
 
 
-def test_blocks_equal_plain_hf_and_do_not_depend_on_ranks(model_dir, demo_dataset):
+@pytest.mark.parametrize("packing", ["documents", "stream"])
+def test_blocks_equal_plain_hf_and_do_not_depend_on_ranks(model_dir, demo_dataset, packing):
+    """documents: each document piece run alone through plain transformers (positions from 0);
+    stream: each block whole. Either way, as ptlm eval scores them, on 1 and 3 "ranks"."""
     from transformers import AutoModelForCausalLM
 
+    from tests.matrix_reference import block_pieces, pieces_nll
+
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    ds = PackedDataset(demo_dataset, "val")
+    ds = PackedDataset(demo_dataset, "val", packing=packing)
     nll = n = 0
     with torch.no_grad():
-        for i in range(len(ds)):
-            a, b = hf_nll(model, ds[i][None], ds[i][None])
-            nll, n = nll + a, n + b
-    ours = evaluate_blocks(model_forward(model), ds, micro_batch=3)
+        for i, pieces in enumerate(block_pieces(demo_dataset, "val", packing)):
+            a, b = pieces_nll(model, ds[i], pieces)
+            nll, n = nll + float(a), n + b
+    if packing == "documents":  # the val split's blocks do hold several documents
+        assert n < len(ds) * (ds.seq_len - 1)
+    ours = evaluate_blocks(model_forward(model, packing=packing), ds, micro_batch=3)
     assert ours.tokens == n
-    assert ours.ppl == pytest.approx(math.exp(nll / n), rel=1e-4)
+    assert ours.loss == pytest.approx(nll / n, rel=1e-5)
     # three "ranks" (slices summed by hand, as all_reduce would): the same sums
-    parts = [evaluate_blocks(model_forward(model), ds, 2, rank=r, world_size=3)
+    parts = [evaluate_blocks(model_forward(model, packing=packing), ds, 2, rank=r, world_size=3)
              for r in range(3)]
     assert sum(p.tokens for p in parts) == n
+    assert sum(p.loss * p.tokens for p in parts) == pytest.approx(nll, rel=1e-5)
 
 
 def test_sliding_window_equals_the_hf_guide(model_dir):

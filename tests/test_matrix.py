@@ -88,7 +88,7 @@ def test_the_reference_is_the_documented_recipe(demo_dataset, init):
         if k == loader.steps_per_epoch:
             loader.finish_epoch()
             it = iter(loader)
-        assert (next(it) == ds.batch(idx)).all()
+        assert (next(it).input_ids == ds.batch(idx)).all()
 
 
 @pytest.mark.parametrize("setting", mx.PAIRWISE, ids=lambda s: s.name())

@@ -101,8 +101,9 @@ def test_probe_with_data_builds_the_vocabulary_training_builds(tmp_path, demo_da
     config.save_pretrained(model)
     ids = Tokenizer.from_file(str(demo_dataset / "tokenizer" / "tokenizer.json")).get_vocab_size()
     args = argparse.Namespace(model=str(model), from_scratch=True, data=str(demo_dataset),
-                              seq_len=None)
-    source, seq_len = source_and_seq_len(args)
+                              seq_len=None, packing="documents")
+    source, seq_len, data = source_and_seq_len(args)
+    assert data.documents is not None  # the run's document structure, for the probe's steps
     assert (source.config.vocab_size, source.vocab, seq_len) == (ids, ids, 64) == (1024, 1024, 64)
     args.seq_len = 128
     with pytest.raises(PtlmError, match="blocks of 64 tokens"):

@@ -9,6 +9,7 @@ import torch
 
 from ptlm import hub
 from ptlm.data import PackedDataset
+from ptlm.data.documents import DEFAULT_PACKING, PACKINGS
 from ptlm.data.tokenizer import same_tokenizer
 from ptlm.errors import PtlmError
 from ptlm.model.config import max_positions
@@ -25,6 +26,9 @@ def add_arguments(p) -> None:
     src.add_argument("--text", nargs="+", type=Path, help="raw text files (joined by a blank "
                      "line), scored with a strided sliding window")
     p.add_argument("--split", default="val")
+    p.add_argument("--packing", choices=PACKINGS, default=DEFAULT_PACKING,
+                   help="for --data: documents (default, as ptlm trains): each document in a "
+                        "block is scored on itself alone; stream: a block is one sequence")
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--max-blocks", type=int, help="evaluate only the first N blocks")
     p.add_argument("--tokenizer", help="for --text: tokenizer (default: the model folder's)")
@@ -49,15 +53,17 @@ def run(args) -> int:
     model = load_model(args.model, precision=args.precision).to(device).eval()
     positions = max_positions(model.config)
     if args.data:
-        dataset = PackedDataset(args.data, args.split)
+        dataset = PackedDataset(args.data, args.split, packing=args.packing)
         _check_data_tokenizer(args.model, model, dataset)
         if positions is not None and dataset.seq_len > positions:
             raise PtlmError(f"{args.data} has blocks of {dataset.seq_len} tokens, above the "
                             f"{positions} positions of {args.model}")
-        res = evaluate_blocks(model_forward(model), dataset, args.micro_batch, device=device,
+        res = evaluate_blocks(model_forward(model, packing=args.packing), dataset,
+                              args.micro_batch, device=device,
                               max_blocks=args.max_blocks)
         scored = f"{res.blocks} of {len(dataset)}" if res.blocks != len(dataset) else res.blocks
-        what = f"{args.data} [{args.split}], {scored} blocks of {dataset.seq_len}"
+        what = (f"{args.data} [{args.split}], {scored} blocks of {dataset.seq_len}, "
+                f"{args.packing} packing")
     else:
         from transformers import AutoTokenizer
 

@@ -9,6 +9,7 @@ import logging
 import time
 
 from ptlm.commands.flags import add_setting_arguments, forced_from_args
+from ptlm.data.documents import DEFAULT_PACKING, PACKINGS
 from ptlm.data.reader import PackedDataset
 from ptlm.errors import PtlmError
 from ptlm.plan.dsconfig import OptimizerHyper
@@ -16,7 +17,7 @@ from ptlm.plan.probe_cache import cache_key, divisors, largest_fitting, write_ca
 from ptlm.run import setup as runsetup
 from ptlm.run.distributed import init, shutdown
 from ptlm.run.engine import build_engine
-from ptlm.run.probe import Trials, format_result
+from ptlm.run.probe import Trials, format_result, probe_batches
 from ptlm.units import parse_size
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,9 @@ def add_arguments(p) -> None:
     p.add_argument("--ds-config", help="the DeepSpeed template the run will use (ds_configs/*.json)")
     p.add_argument("--simulate-gpu-memory", help="CPU rehearsal: treat a trial whose predicted "
                                                  "peak exceeds this (e.g. 16GiB) as out of memory")
+    p.add_argument("--packing", choices=PACKINGS, default=DEFAULT_PACKING,
+                   help="as `ptlm train --packing`: documents (default) adds the block-causal "
+                        "structure the run's step carries")
     p.add_argument("--json", action="store_true")
     add_setting_arguments(p)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
@@ -51,10 +55,11 @@ def run(args) -> int:
 
 
 def source_and_seq_len(args):
-    """The model as training builds it (ptlm.run.setup.model_source), and the sequence length."""
+    """(the model as training builds it (ptlm.run.setup.model_source), the sequence length, the
+    --data's training split or None)."""
     data = None
     if args.data:
-        data = PackedDataset(args.data, "train")
+        data = PackedDataset(args.data, "train", packing=args.packing)
         if args.seq_len is not None and args.seq_len != data.seq_len:
             raise PtlmError(f"--seq-len {args.seq_len}, but {args.data} holds blocks of "
                             f"{data.seq_len} tokens; drop --seq-len or prepare the data again")
@@ -65,7 +70,7 @@ def source_and_seq_len(args):
         log.warning("--from-scratch without --data: the embedding table is the config's own "
                     "(%s rows); `ptlm train` sizes it to the data's tokenizer, give --data to "
                     "probe the same model", getattr(source.config, "vocab_size", "?"))
-    return source, (data.seq_len if data is not None else args.seq_len)
+    return source, (data.seq_len if data is not None else args.seq_len), data
 
 
 def probe_plan(args, source, seq_len: int, world_size: int, gpu: bool):
@@ -79,14 +84,15 @@ def probe_plan(args, source, seq_len: int, world_size: int, gpu: bool):
 def _run(args) -> int:
     dist = init()
     gpu = runsetup.on_gpu()
-    source, seq_len = source_and_seq_len(args)
+    source, seq_len, data = source_and_seq_len(args)
     p = probe_plan(args, source, seq_len, dist.world_size, gpu)
     # the builder training uses; the hyper-parameters' values change no memory
-    built = build_engine(p, source, OptimizerHyper(), args.ds_config)
+    built = build_engine(p, source, OptimizerHyper(), args.ds_config, packing=args.packing)
     engine, model = built.engine, built.model
     args.seq_len = seq_len
     simulate = parse_size(args.simulate_gpu_memory) if args.simulate_gpu_memory else None
-    trials = Trials(engine, dist, p, args.seq_len, model.config.vocab_size, simulate)
+    trials = Trials(engine, dist, p, probe_batches(args.packing, data, seq_len,
+                                                  model.config.vocab_size, dist.device), simulate)
     t0 = time.perf_counter()
     per_gpu = p.global_batch // dist.world_size
     largest = largest_fitting(trials, divisors(per_gpu), p.micro_batch)

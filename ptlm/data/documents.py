@@ -15,6 +15,17 @@ import numpy as np
 
 from ptlm.errors import PtlmError
 
+# How blocks reach the model: "documents" (each document piece attends only to itself, positions
+# from 0, no target across a boundary) or "stream" (a block is one sequence, as it was laid out).
+PACKINGS = ("documents", "stream")
+DEFAULT_PACKING = "documents"
+
+
+def check_packing(packing: str) -> str:
+    if packing not in PACKINGS:
+        raise PtlmError(f"packing {packing!r} is not one of {', '.join(PACKINGS)}")
+    return packing
+
 class DocumentIndex:
     """Document boundaries of one split, for blocks of `seq_len` tokens."""
 

@@ -10,22 +10,48 @@ ranks W' (same G) sees the same sequence of global batches. Resuming is O(1): th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ptlm.data import shards
+from ptlm.data.documents import DEFAULT_PACKING, DocumentIndex, check_packing
 from ptlm.errors import PtlmError
 
 
+@dataclass
+class Batch:
+    """Blocks as the model takes them: token ids (B, T) and, with document-aware packing, each
+    token's position inside its document piece (B, T); None when blocks are one stream."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor | None = None
+
+    def predictions(self) -> int:
+        """Next-token predictions the loss scores in these blocks: T-1 per block, less the first
+        token of every piece after the first (nothing is predicted across a boundary)."""
+        rows, length = self.input_ids.shape
+        cut = 0 if self.positions is None else int((self.positions[:, 1:] == 0).sum())
+        return rows * (length - 1) - cut
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return Batch(move(self.input_ids), move(self.positions))
+
+
 class PackedDataset(torch.utils.data.Dataset):
-    """Blocks of one split; item i is a (seq_len,) int64 tensor of token ids."""
+    """Blocks of one split; item i is a (seq_len,) int64 tensor of token ids.
+
+    packing="documents" (the default) also gives each block's document structure (`blocks`),
+    from the split's document lengths, computed once here; "stream" gives none."""
 
     def __init__(self, root: str | Path, split: str = "train",
-                 max_blocks: int | None = None) -> None:
+                 max_blocks: int | None = None, packing: str = DEFAULT_PACKING) -> None:
         self.root = Path(root)
         self.split = split
+        self.packing = check_packing(packing)
         self.manifest = shards.read_manifest(self.root)
         self.blocks = shards.open_split(self.root, self.manifest, split)
         if max_blocks is not None:  # the first max_blocks blocks only (e.g. --overfit-docs)
@@ -33,6 +59,16 @@ class PackedDataset(torch.utils.data.Dataset):
         self.seq_len = self.manifest["seq_len"]
         self.vocab_size = self.manifest["tokenizer"]["vocab_size"]
         self.tokenizer_path = self.root / self.manifest["tokenizer"]["path"]
+        self.documents = self._document_index() if packing == "documents" else None
+
+    def _document_index(self) -> DocumentIndex:
+        try:
+            lengths = self.document_lengths()
+        except PtlmError:
+            raise PtlmError(f"{self.root} [{self.split}] has no per-document lengths (prepared by "
+                            "an older ptlm), which document-aware packing needs: prepare it "
+                            "again, or give --packing stream") from None
+        return DocumentIndex(lengths, self.seq_len)
 
     def __len__(self) -> int:
         return self.blocks.num_blocks
@@ -54,6 +90,14 @@ class PackedDataset(torch.utils.data.Dataset):
     def batch(self, indices) -> torch.Tensor:
         """(len(indices), seq_len) int64 tensor: one gather, no per-item tensors."""
         return torch.from_numpy(self.blocks.take(indices).astype(np.int64))
+
+    def blocks_of(self, indices) -> Batch:
+        """The blocks `indices` with their document positions (packing="documents"): one gather
+        and one vectorized search per batch, no loop over documents."""
+        positions = None
+        if self.documents is not None:
+            positions = torch.from_numpy(self.documents.positions(np.asarray(indices)))
+        return Batch(self.batch(indices), positions)
 
 
 def epoch_order(num_blocks: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
@@ -87,7 +131,7 @@ def eval_slice(num_blocks: int, world_size: int, rank: int) -> range:
 
 
 class PackedLoader:
-    """Yields (micro_batch, seq_len) int64 batches of this rank's share, resumably.
+    """Yields this rank's share as `Batch`es of (micro_batch, seq_len), resumably.
 
     global_batch (blocks per optimizer step over all ranks) must be a multiple of
     micro_batch * world_size; the epoch is cut to a multiple of it (see epoch_length)."""
@@ -134,7 +178,7 @@ class PackedLoader:
         step = self.micro_batch * self.world_size
         while self.consumed < total:
             pos = rank_positions(self.consumed, self.consumed + step, self.world_size, self.rank)
-            batch = self.dataset.batch(order[pos % n])  # % n: padded tail wraps to the start
+            batch = self.dataset.blocks_of(order[pos % n])  # % n: padded tail wraps to the start
             self.consumed += step
             yield batch
         self.finish_epoch()

@@ -256,17 +256,3 @@ def check_chunked_loss(model, tolerance: float = CHECK_TOLERANCE) -> None:
         raise PtlmError(f"the chunked loss ({chunked:.5f}) differs from {type(model).__name__}'s own "
                         f"({reference:.5f}): this architecture computes its logits in a way the "
                         "chunked loss does not reproduce; train with chunked_loss off")
-
-
-class LossModule(nn.Module):
-    """What DeepSpeed wraps: the HF model and its loss, so that one engine(...) call runs the
-    whole forward through DeepSpeed (its hooks, ZeRO-3 gathering, precision handling)."""
-
-    def __init__(self, model: nn.Module, chunked: bool) -> None:
-        super().__init__()
-        self.model = model
-        self.chunked = chunked
-
-    def forward(self, input_ids, labels=None):  # -> (mean NLL, NLL sum, counted tokens)
-        return causal_lm_loss(self.model, input_ids, labels, chunked=self.chunked,
-                              with_counts=True)

@@ -13,15 +13,27 @@ in its attention's format. Which way a model goes is decided by behaviour, not b
 
 from __future__ import annotations
 
+import copy
+import logging
+
 import torch
 
 from ptlm.errors import PtlmError
+from ptlm.model.config import text_config
 from ptlm.model.loss import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
 
 MECHANISMS = ("position_ids", "mask")
 # The self-check: two documents of these lengths packed into one row, with a one-token document.
 CHECK_DOCUMENTS = (5, 1, 6)
 CHECK_TOLERANCE = 1e-4  # relative, per token; the check runs in the model's dtype
+# 16-bit check models (flash-attention runs only in bf16/fp16): rounding, not leaks, differs.
+# The exact-zero gradient test (_isolated) is what catches a leak in any dtype.
+CHECK_TOLERANCE_16BIT = 3e-2
+CHECK_VOCAB = 512  # the check model's vocabulary: the mechanism does not depend on it
+SPECIAL_ID_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id")
+_decided: dict[tuple[str, str], str] = {}  # (config JSON, attention) -> mechanism, per process
 
 
 def labels_for(input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -85,6 +97,40 @@ def _isolated(model, ids: torch.Tensor, inputs: dict) -> bool:
     return bool((grad[:, :-last] == 0).all()) and bool(grad[:, -last:].abs().sum() > 0)
 
 
+def mechanism_for(config, attn_implementation: str) -> str:
+    """The mechanism for models of `config` with this attention, decided by `choose_mechanism`
+    on a small real model of the same architecture (one decoder layer of each kind, as the
+    profile traces them, and a small vocabulary) built on the side: the run's own model may be
+    partitioned (ZeRO-3) or too large to run twice. Random weights do: which inputs the model
+    honours is in its code, not its weights."""
+    key = (config.to_json_string(use_diff=False), attn_implementation)
+    if key not in _decided:
+        _decided[key] = choose_mechanism(_check_model(config, attn_implementation))
+    return _decided[key]
+
+
+def _check_model(config, attn_implementation: str):
+    import transformers
+
+    from ptlm.model.profile import representative_layers, without_attention_dropout
+
+    small = copy.deepcopy(representative_layers(without_attention_dropout(config))[0])
+    tc = text_config(small)
+    tc.vocab_size = CHECK_VOCAB
+    for name in SPECIAL_ID_FIELDS:  # ids past the small vocabulary would not embed
+        value = getattr(tc, name, None)
+        if isinstance(value, int) and value >= CHECK_VOCAB:
+            setattr(tc, name, None)
+    flash = attn_implementation.startswith("flash")
+    device = torch.device("cuda" if flash else "cpu")
+    dtype = torch.bfloat16 if flash else torch.float32
+    with torch.random.fork_rng(devices=[]):  # the run's own seeded init stays untouched
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(
+            small, attn_implementation=attn_implementation, dtype=dtype)
+    return model.to(device)
+
+
 @torch.no_grad()
 def choose_mechanism(model) -> str:
     """The cheapest way this model honours packed documents, found by running it: a row of
@@ -113,7 +159,8 @@ def choose_mechanism(model) -> str:
             except PtlmError:
                 continue
             packed = per_token_nll(model, ids, labels, **inputs)
-            if (torch.allclose(packed, reference, rtol=CHECK_TOLERANCE, atol=CHECK_TOLERANCE)
+            tol = CHECK_TOLERANCE if model.dtype == torch.float32 else CHECK_TOLERANCE_16BIT
+            if (torch.allclose(packed, reference, rtol=tol, atol=tol)
                     and _isolated(model, ids, inputs)):
                 return mechanism
     finally:

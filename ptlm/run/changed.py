@@ -10,7 +10,8 @@ run_config.json recorded it. Now each changed flag is either applied from the re
               never stated)
     refused   --schedule, --warmup-steps, --warmup-ratio, --min-lr-ratio: the schedule's shape is
               fixed when a run starts and saved in its checkpoints (RunState.schedule); a
-              --rewarm-steps segment added by this resume takes --schedule and --min-lr-ratio
+              --rewarm-steps segment added by this resume takes --schedule and --min-lr-ratio.
+              --packing: what the model saw (documents apart or one stream) is the run's
 """
 
 from __future__ import annotations
@@ -107,3 +108,18 @@ def note(changes: list[dict]) -> str:
     """For the report: 'lr 0.003 -> 0.0001 from step 31; ...'."""
     return "; ".join(f"{c['option']} {shown(c['old'])} -> {shown(c['new'])} from step "
                      f"{c['step'] + 1}" for c in changes)
+
+
+# Checkpoints written before --packing existed trained on blocks as one stream.
+PACKING_BEFORE_THE_FLAG = "stream"
+
+
+def check_packing(cfg, saved: dict) -> None:
+    """Refuse a resume with another --packing than the checkpoint's run: half a run with
+    documents apart and half as one stream is neither, and its figures compare with nothing."""
+    old = saved.get("corpus", {}).get("packing", PACKING_BEFORE_THE_FLAG) if saved else None
+    if old is None or old == cfg.corpus.packing:
+        return
+    raise PtlmError(f"--packing {cfg.corpus.packing}: the checkpoint's run trained with --packing "
+                    f"{old}; resume with --packing {old}, or start a new run (another --out, or "
+                    "--resume none)")

@@ -18,6 +18,7 @@ import typing
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
+from ptlm.data.documents import DEFAULT_PACKING, PACKINGS
 from ptlm.errors import PtlmError
 from ptlm.plan.setting import Forced
 
@@ -113,11 +114,17 @@ class Data:
     seed: int = opt(0, "seed of the initial weights and the data order")
     overfit_docs: int | None = opt(None, "train (and evaluate) on the first N documents only: "
                                          "can the loop learn?", metavar="N")
+    packing: str = opt(DEFAULT_PACKING, "documents: inside a packed block each document attends "
+                                        "only to itself, its positions restart at 0 and nothing "
+                                        "is predicted across a boundary (training, evaluation); "
+                                        "stream: a block is one sequence", choices=PACKINGS)
 
     def __post_init__(self) -> None:
         coerce_fields(self)
         _fail_unless([
             (self.overfit_docs is None or self.overfit_docs >= 1, "--overfit-docs must be >= 1"),
+            (self.packing in PACKINGS,
+             f"--packing {self.packing!r} must be one of {', '.join(PACKINGS)}"),
         ])
         if not (self.data / "manifest.json").exists():
             raise PtlmError(f"--data {self.data}: no manifest.json there; prepare the data first "

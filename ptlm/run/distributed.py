@@ -162,6 +162,41 @@ def any_rank(flag: bool, device: torch.device | None = None) -> bool:
     return t.item() > 0
 
 
+def decided_by_rank0(decide, what: str):
+    """decide() on rank 0 only; every rank gets its value (broadcast_object_list on the default
+    group), so a decision every rank must agree on is made once. An error on rank 0 is raised on
+    every rank, so none waits forever. what: the decision, for the other ranks' error."""
+    dist = torch.distributed
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return decide()
+    box: list = [None]
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            box = [("value", decide())]
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks know
+            error = e
+            box = [("error", f"{type(e).__name__}: {e}" if not isinstance(e, PtlmError)
+                    else str(e))]
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    kind, value = box[0]
+    if kind == "error":
+        raise PtlmError(f"rank 0 could not {what}: {value}")
+    return value
+
+
+def host_sum(values: list[float]) -> list[float]:
+    """Sum a few host-side numbers over all ranks on the gloo control group: it never waits for
+    the GPU's queued kernels (all_reduce_sum on a CUDA device does)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(t, group=_control_group())
+    return t.tolist()
+
+
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

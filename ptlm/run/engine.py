@@ -23,10 +23,12 @@ from torch import nn
 
 from ptlm.errors import PtlmError
 from ptlm.model.load import check_vocab, embedding_rows, enable_checkpointing, load_model
-from ptlm.model.loss import LossModule
+from ptlm.model.forward import LossModule
+from ptlm.model.packing import mechanism_for
 from ptlm.model.optim import build_optimizer, full_shape
 from ptlm.plan.dsconfig import OptimizerHyper
 from ptlm.plan.planner import Plan
+from ptlm.run.distributed import decided_by_rank0
 from ptlm.run.setup import ModelSource, deepspeed_config
 
 log = logging.getLogger(__name__)
@@ -44,27 +46,31 @@ class Engine:
     parameters: int  # the model's whole parameter count (ds_numel under ZeRO-3)
     embedding_rows: int
     optimizer: str  # the optimizer's class, or "DeepSpeed <type>" when DeepSpeed built it
+    packing: dict  # how blocks reach the model (packing_record)
 
     def record(self) -> dict:
         """The engine's identity, as the run (engine.json) and the probe (its cache) record it."""
         return {"ds_config": self.ds_config, "parameters": self.parameters,
                 "embedding_rows": self.embedding_rows, "optimizer": self.optimizer,
-                "setting": self.plan.setting.to_dict()}
+                "setting": self.plan.setting.to_dict(), "packing": self.packing}
 
 
 def build_engine(plan: Plan, source: ModelSource, hyper: OptimizerHyper,
                  ds_template: str | None = None, lr_scheduler=None,
-                 ds_extra: dict | None = None) -> Engine:
+                 ds_extra: dict | None = None, packing: str = "stream") -> Engine:
     """The engine for `plan`. ds_template: a ds_configs/ template the plan fills; ds_extra:
-    top-level DeepSpeed config entries added as they are (e.g. {"checkpoint": {...}})."""
+    top-level DeepSpeed config entries added as they are (e.g. {"checkpoint": {...}});
+    packing: "documents" makes the engine take each batch's document positions
+    (engine(ids, labels, positions)) through the mechanism the model honours."""
     import deepspeed
 
     ds_config, opt = _ds_config(plan, hyper, ds_template, ds_extra)
     model = setup_model(source, plan.setting.precision, ds_config, plan.setting.checkpointing)
+    packed = packing_record(packing, model)
     optimizer = _setup_optimizer(plan, model, opt, ds_config)
-    engine, _, _, _ = deepspeed.initialize(model=LossModule(model, plan.setting.chunked_loss),
-                                           optimizer=optimizer, config=ds_config,
-                                           lr_scheduler=lr_scheduler)
+    engine, _, _, _ = deepspeed.initialize(
+        model=LossModule(model, plan.setting.chunked_loss, packed.get("mechanism")),
+        optimizer=optimizer, config=ds_config, lr_scheduler=lr_scheduler)
     _undo_state_priming(engine.optimizer)
     _scale_loss_once(engine)
     if plan.setting.precision == "fp16":
@@ -73,7 +79,32 @@ def build_engine(plan: Plan, source: ModelSource, hyper: OptimizerHyper,
             else f"DeepSpeed {ds_config['optimizer']['type']}")
     return Engine(engine=engine, model=model, ds_config=ds_config, plan=plan,
                   parameters=parameter_count(model), embedding_rows=embedding_rows(model),
-                  optimizer=name)
+                  optimizer=name, packing=packed)
+
+
+# What each mechanism runs as, per attention implementation, for the log and engine.json.
+PACKING_PATHS = {
+    ("position_ids", "flash_attention_2"): "flash-attention varlen (cu_seqlens from position_ids)",
+    ("position_ids", "sdpa"): "SDPA with the block-causal mask transformers builds from "
+                              "position_ids",
+    ("position_ids", "eager"): "eager attention with the block-causal mask transformers builds "
+                               "from position_ids",
+    ("mask", "sdpa"): "SDPA with ptlm's block-causal mask",
+    ("mask", "eager"): "eager attention with ptlm's block-causal mask",
+}
+
+
+def packing_record(packing: str, model: nn.Module) -> dict:
+    """{"packing", and for documents "mechanism", "attention", "path"}: how this model is told
+    where documents start, decided once (rank 0, by behaviour: ptlm.model.packing) for all."""
+    if packing == "stream":
+        return {"packing": "stream"}
+    attention = model.config._attn_implementation
+    mechanism = decided_by_rank0(lambda: mechanism_for(model.config, attention),
+                                 "check how the model takes packed documents")
+    path = PACKING_PATHS.get((mechanism, attention), f"{attention} attention via {mechanism}")
+    log.info("packing: documents; each document attends only to itself through %s", path)
+    return {"packing": "documents", "mechanism": mechanism, "attention": attention, "path": path}
 
 
 # DeepSpeed's fp16 wrappers for ZeRO-0 (fp16/unfused_optimizer.py, fused_optimizer.py).

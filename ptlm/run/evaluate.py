@@ -14,13 +14,16 @@ from typing import Callable
 
 import torch
 
+from ptlm.data.documents import DEFAULT_PACKING
 from ptlm.data.reader import PackedDataset, eval_slice
 from ptlm.errors import PtlmError
+from ptlm.model.forward import LossModule
 from ptlm.model.loss import IGNORE_INDEX, causal_lm_loss
+from ptlm.model.packing import mechanism_for
 from ptlm.run.distributed import all_reduce_sum
 
-# forward(input_ids (B, T), labels (B, T)) -> (mean, nll_sum, n_tokens)
-ForwardFn = Callable[[torch.Tensor, torch.Tensor], tuple]
+# forward(input_ids (B, T), labels (B, T), positions (B, T) or None) -> (mean, nll_sum, n_tokens)
+ForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], tuple]
 
 
 @dataclass
@@ -62,11 +65,11 @@ def evaluate_blocks(forward: ForwardFn, dataset: PackedDataset, micro_batch: int
     for start in range(0, longest, micro_batch):
         idx = [mine.start + i for i in range(start, min(start + micro_batch, longest))]
         real = [i < mine.stop for i in idx]
-        ids = dataset.batch([i if ok else mine.start if len(mine) else 0
-                             for i, ok in zip(idx, real)]).to(device)  # (B, T)
-        labels = ids.clone()
+        batch = dataset.blocks_of([i if ok else mine.start if len(mine) else 0
+                                   for i, ok in zip(idx, real)]).to(device)  # (B, T)
+        labels = batch.input_ids.clone()
         labels[~torch.tensor(real, device=device)] = IGNORE_INDEX
-        _, loss_sum, n_tokens = forward(ids, labels)
+        _, loss_sum, n_tokens = forward(batch.input_ids, labels, batch.positions)
         nll += float(loss_sum)
         count += float(n_tokens)
     nll, count = all_reduce_sum([nll, count], torch.device(device))
@@ -106,9 +109,13 @@ def evaluate_text(model, token_ids: torch.Tensor, max_length: int, stride: int,
     return result(nll, count)
 
 
-def model_forward(model, chunked: bool = True) -> ForwardFn:
-    return lambda ids, labels: causal_lm_loss(model, ids, labels, chunked=chunked,
-                                              with_counts=True)
+def model_forward(model, chunked: bool = True, packing: str = DEFAULT_PACKING) -> ForwardFn:
+    """The model and its loss as evaluation calls them; packing="documents" takes the blocks'
+    document positions through the mechanism the model honours (decided by behaviour)."""
+    mechanism = None
+    if packing == "documents":
+        mechanism = mechanism_for(model.config, model.config._attn_implementation)
+    return LossModule(model, chunked, mechanism)
 
 
 # ------------------------------------------------------------------------------ ptlm eval

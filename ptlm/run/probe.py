@@ -17,8 +17,10 @@ from __future__ import annotations
 import gc
 import logging
 
+import numpy as np
 import torch
 
+from ptlm.data.reader import Batch
 from ptlm.plan.memory import estimate
 from ptlm.plan.probe_cache import cache_path
 from ptlm.run.distributed import any_rank
@@ -26,6 +28,7 @@ from ptlm.run.distributed import any_rank
 log = logging.getLogger(__name__)
 
 PROBE_STEPS = 2  # optimizer steps per trial: the 2nd has optimizer states (steady state)
+PROBE_DOCUMENT_DIVISOR = 4  # without --data: random documents of a quarter block each
 
 
 # ------------------------------------------------------------------------------ trials
@@ -33,10 +36,10 @@ PROBE_STEPS = 2  # optimizer steps per trial: the 2nd has optimizer states (stea
 class Trials:
     """Real steps of one DeepSpeed engine at a given micro-batch; OOM-safe and rank-agreed."""
 
-    def __init__(self, engine, dist, plan, seq_len: int, vocab: int,
-                 simulate_bytes: int | None) -> None:
+    def __init__(self, engine, dist, plan, batches, simulate_bytes: int | None) -> None:
+        """batches(micro) -> the Batch one micro-step of the run would take (probe_batches)."""
         self.engine, self.dist, self.plan = engine, dist, plan
-        self.seq_len, self.vocab, self.simulate_bytes = seq_len, vocab, simulate_bytes
+        self.batches, self.simulate_bytes = batches, simulate_bytes
         self.results: dict[int, dict] = {}
 
     def predicted(self, micro: int) -> int:
@@ -69,8 +72,8 @@ class Trials:
             if step == PROBE_STEPS - 1 and torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             for _ in range(accum):
-                ids = torch.randint(0, self.vocab, (micro, self.seq_len), device=self.dist.device)
-                mean, _, _ = engine(ids)
+                batch = self.batches(micro)
+                mean, _, _ = engine(batch.input_ids, None, batch.positions)
                 engine.backward(mean)
                 engine.step()
         if self.simulate_bytes is not None and predicted > self.simulate_bytes:
@@ -86,6 +89,22 @@ class Trials:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def probe_batches(packing: str, data, seq_len: int, vocab: int, device):
+    """micro -> a Batch shaped as the run's: the data's first blocks when it is given (their
+    document structure too), else random tokens with documents of PROBE_DOCUMENT_DIVISOR-th of a
+    block (the block-causal mask costs the same for any documents)."""
+    def batches(micro: int) -> Batch:
+        if data is not None:
+            return data.blocks_of(np.arange(micro) % len(data)).to(device)
+        ids = torch.randint(0, vocab, (micro, seq_len), device=device)
+        if packing == "stream":
+            return Batch(ids)
+        piece = max(1, seq_len // PROBE_DOCUMENT_DIVISOR)
+        positions = (torch.arange(seq_len, device=device) % piece).expand(micro, -1)
+        return Batch(ids, positions)
+    return batches
 
 
 def format_result(p, r: dict) -> str:

@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ptlm.data.reader import PackedDataset, PackedLoader
+from ptlm.data.reader import Batch, PackedDataset, PackedLoader
 from ptlm.errors import PtlmError
 from ptlm.plan.planner import flops_per_token
 from ptlm.run import changed, checkpoint, faults, lock, report
 from ptlm.run import setup as runsetup
 from ptlm.run.config import RunConfig
-from ptlm.run.distributed import Dist, all_reduce_sum, any_rank, barrier, init
+from ptlm.run.distributed import Dist, all_reduce_sum, any_rank, barrier, host_sum, init
 from ptlm.run.engine import build_engine, gradient_scale
 from ptlm.run.export import export_hf
 from ptlm.run.evaluate import EvalResult, evaluate_blocks
@@ -155,14 +155,16 @@ def overfit_blocks(data: PackedDataset, n_docs: int) -> int:
 def setup(cfg: RunConfig) -> Run:
     dist = init()
     torch.manual_seed(cfg.corpus.seed)  # the same initial weights on every rank
-    train = PackedDataset(cfg.corpus.data, "train")
-    val = PackedDataset(cfg.corpus.data, "val")
+    packing = cfg.corpus.packing
+    train = PackedDataset(cfg.corpus.data, "train", packing=packing)
+    val = PackedDataset(cfg.corpus.data, "val", packing=packing)
     train.check_data()  # every shard's sha256 + largest id, before step 1 (PTLM_DATA_CHECK)
     runsetup.check_tokenizer(cfg, train)
     if cfg.corpus.overfit_docs:
         n = overfit_blocks(train, cfg.corpus.overfit_docs)
-        train = PackedDataset(cfg.corpus.data, "train", max_blocks=n)
-        val = PackedDataset(cfg.corpus.data, "train", max_blocks=n)  # can it learn what it saw?
+        train = PackedDataset(cfg.corpus.data, "train", max_blocks=n, packing=packing)
+        # can it learn what it saw?
+        val = PackedDataset(cfg.corpus.data, "train", max_blocks=n, packing=packing)
         log.info("overfit check: training and evaluating on the first %d documents (%d blocks)",
                  cfg.corpus.overfit_docs, n)
     gpu = runsetup.on_gpu()
@@ -179,7 +181,8 @@ def setup(cfg: RunConfig) -> Run:
     def build(plan):  # also after an OOM back-off, at the new micro-batch
         return build_engine(plan, source, runsetup.optimizer_hyper(cfg), cfg.what.ds_config,
                             lr_scheduler=scheduler_factory(cfg, steps), ds_extra={
-                                "checkpoint": {"load_universal": True}} if universal else None)
+                                "checkpoint": {"load_universal": True}} if universal else None,
+                            packing=packing)
 
     built = build(p)
     engine, model, ds_config = built.engine, built.model, built.ds_config
@@ -265,7 +268,7 @@ def write_records(run: Run) -> None:
 def run_eval(run: Run, tag: str) -> EvalResult:
     run.engine.eval()
     t0 = time.perf_counter()
-    res = evaluate_blocks(lambda ids, labels: run.engine(ids, labels), run.val,
+    res = evaluate_blocks(lambda *batch: run.engine(*batch), run.val,
                           run.state.micro_batch, rank=run.dist.rank,
                           world_size=run.dist.world_size, device=run.dist.device,
                           max_blocks=run.cfg.eval.eval_max_blocks)
@@ -336,6 +339,7 @@ def resume(run: Run) -> bool:
     run.state = RunState(**client["ptlm"])
     saved_cfg = client.get("config", {})
     changed.check_schedule(run.cfg, saved_cfg, _rewarms(run))  # before anything is written
+    changed.check_packing(run.cfg, saved_cfg)
     _check_global_batch(run, client["loader"]["global_batch"])
     run.loader.load_state_dict(client["loader"])
     _resume_micro_batch(run, lambda engine: checkpoint.load(engine, path, run.dist,
@@ -463,12 +467,22 @@ def _check_micro_batch(run: Run) -> None:
 
 
 def _micro_steps(run: Run) -> float:
-    losses = []
+    """The step's gradient is that of its mean loss per scored token over the whole global
+    batch, all ranks and micro-batches together. DeepSpeed averages the micro-steps' losses over
+    accumulation and ranks, which equals that only when every micro-batch scores as many tokens;
+    with documents apart, a block scores T-1 predictions less one per document start, so each
+    micro-step backpropagates its NLL sum times (accumulation x ranks / the step's scored
+    tokens), counted on the host before the first forward."""
+    accum = run.engine.gradient_accumulation_steps()
     it = iter(run.loader)
-    for micro in range(1, run.engine.gradient_accumulation_steps() + 1):
-        ids = next(it).to(run.dist.device, non_blocking=True)
-        mean = _agreed(run, lambda: _forward(run, ids, micro))
-        _agreed(run, lambda: _backward(run, mean, micro))
+    batches = [next(it) for _ in range(accum)]  # host tensors (memory-mapped blocks)
+    (scored,) = host_sum([sum(b.predictions() for b in batches)])
+    weight = accum * run.dist.world_size / max(scored, 1.0)
+    sums = []
+    for micro, batch in enumerate(batches, start=1):
+        batch = batch.to(run.dist.device, non_blocking=True)
+        nll = _agreed(run, lambda: _forward(run, batch, micro))
+        _agreed(run, lambda: _backward(run, nll * weight, micro))
         if run.engine.is_gradient_accumulation_boundary():
             if run.plan.setting.zero == 0:
                 # ZeRO-0: DeepSpeed does not keep it; fp16 grads still carry the loss scale here
@@ -476,22 +490,22 @@ def _micro_steps(run: Run) -> float:
             _agreed(run, lambda: _engine_step(run, micro))
         else:
             run.engine.step()  # between boundaries DeepSpeed only counts the micro-step
-        losses.append(mean.detach().float())  # no .item() here: it would wait for the GPU
-    total, count = all_reduce_sum([float(torch.stack(losses).sum()), len(losses)],
-                                  run.dist.device)  # one sync per optimizer step
-    return total / count
+        sums.append(nll.detach().float())  # no .item() here: it would wait for the GPU
+    (total,) = all_reduce_sum([float(torch.stack(sums).sum())],
+                              run.dist.device)  # one sync per optimizer step
+    return total / max(scored, 1.0)
 
 
-def _forward(run: Run, ids: torch.Tensor, micro: int = 1) -> torch.Tensor:
+def _forward(run: Run, batch: Batch, micro: int = 1) -> torch.Tensor:
     _maybe_inject_oom(run, micro, "forward")
-    mean, _, _ = run.engine(ids)
-    return mean
+    _, nll_sum, _ = run.engine(batch.input_ids, None, batch.positions)
+    return nll_sum
 
 
-def _backward(run: Run, mean: torch.Tensor, micro: int) -> None:
+def _backward(run: Run, loss: torch.Tensor, micro: int) -> None:
     hook = _maybe_inject_oom(run, micro, "backward")
     try:
-        run.engine.backward(mean)
+        run.engine.backward(loss)
     finally:
         if hook is not None:
             hook.remove()
