@@ -17,6 +17,7 @@ from ptlm.errors import PtlmError
 from ptlm.run import faults
 from ptlm.run.distributed import free_port
 from tests.conftest import ROOT
+from tests.matrix_reference import hf_val_perplexity
 
 TINY = dict(hidden=64, layers=2, heads=4, ffn=128, positions=128)
 
@@ -64,24 +65,6 @@ def losses(out):
     return [r["loss"] for r in records(out, "train")]
 
 
-def hf_perplexity(model_dir, data, split="val"):
-    """Plain Hugging Face: the model's own loss over every block, token-weighted."""
-    from transformers import AutoModelForCausalLM
-
-    from ptlm.data.reader import PackedDataset
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    ds = PackedDataset(data, split)
-    nll, n = 0.0, 0
-    with torch.no_grad():
-        for i in range(len(ds)):
-            ids = ds[i][None]
-            loss = model(input_ids=ids, labels=ids).loss
-            nll += loss.item() * (ids.shape[1] - 1)
-            n += ids.shape[1] - 1
-    return math.exp(nll / n)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
@@ -108,7 +91,7 @@ def check_finished_run(out, data):
     report = (out / "report.md").read_text()
     assert "| seq len | epochs |" in report and "| epoch | steps | train loss |" in report
     # the export loads in plain transformers and reproduces the run's final val perplexity
-    ppl = hf_perplexity(out / "hf_model", data)
+    ppl = hf_val_perplexity(out / "hf_model", data)  # each document piece alone
     assert ppl == pytest.approx(run["final_val_ppl"], rel=1e-4)
     cfg = json.loads((out / "hf_model" / "config.json").read_text())
     assert cfg["use_cache"] is True

@@ -13,16 +13,10 @@ in its attention's format. Which way a model goes is decided by behaviour, not b
 
 from __future__ import annotations
 
-import copy
-import logging
-
 import torch
 
 from ptlm.errors import PtlmError
-from ptlm.model.config import text_config
 from ptlm.model.loss import IGNORE_INDEX
-
-log = logging.getLogger(__name__)
 
 MECHANISMS = ("position_ids", "mask")
 # The self-check: two documents of these lengths packed into one row, with a one-token document.
@@ -31,9 +25,6 @@ CHECK_TOLERANCE = 1e-4  # relative, per token; the check runs in the model's dty
 # 16-bit check models (flash-attention runs only in bf16/fp16): rounding, not leaks, differs.
 # The exact-zero gradient test (_isolated) is what catches a leak in any dtype.
 CHECK_TOLERANCE_16BIT = 3e-2
-CHECK_VOCAB = 512  # the check model's vocabulary: the mechanism does not depend on it
-SPECIAL_ID_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id")
-_decided: dict[tuple[str, str], str] = {}  # (config JSON, attention) -> mechanism, per process
 
 
 def labels_for(input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -44,18 +35,21 @@ def labels_for(input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor
 
 def block_causal_mask(positions: torch.Tensor, attn_implementation: str,
                       dtype: torch.dtype) -> torch.Tensor:
-    """(B, 1, T, T): query i may attend key j when both are in one piece and j <= i. A bool mask
-    for SDPA (True = attend), an additive float mask for eager attention."""
+    """(B, 1, T, T) additive mask in the model's dtype: 0 where query i may attend key j (both
+    in one piece, j <= i), the dtype's minimum elsewhere.
+
+    Additive, not bool, for SDPA too: SDPA turns a bool mask into an additive one inside every
+    call and keeps each copy for the backward, one (B, T, T) tensor per layer (measured: +T*T*4
+    bytes per layer and sequence in fp32); an additive mask is used as given, one copy shared
+    by every layer."""
+    if attn_implementation not in ("sdpa", "eager"):
+        raise PtlmError(f"{attn_implementation} attention takes packed documents through "
+                        "position_ids only; this model ignores them: use --attn sdpa or eager")
     piece = torch.cumsum(positions == 0, dim=-1)  # (B, T) piece number inside the block
     same = piece[:, :, None] == piece[:, None, :]  # (B, T, T)
     allowed = same.tril()[:, None]  # (B, 1, T, T)
-    if attn_implementation == "sdpa":
-        return allowed
-    if attn_implementation == "eager":
-        return torch.zeros(allowed.shape, dtype=dtype, device=positions.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min)
-    raise PtlmError(f"{attn_implementation} attention takes packed documents through "
-                    "position_ids only; this model ignores them: use --attn sdpa or eager")
+    return torch.zeros(allowed.shape, dtype=dtype, device=positions.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)
 
 
 def model_inputs(model, positions: torch.Tensor, mechanism: str) -> dict:
@@ -93,42 +87,12 @@ def _isolated(model, ids: torch.Tensor, inputs: dict) -> bool:
     with torch.enable_grad():
         embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
         hidden = model.base_model(inputs_embeds=embeds, use_cache=False, **inputs)[0]
-        (grad,) = torch.autograd.grad(hidden[:, -last:].float().sum(), embeds)
+        # a random projection, not a plain sum: a final LayerNorm at its initial weights makes
+        # each token's features sum to exactly 0, whatever the inputs (a zero gradient)
+        weights = torch.randn(hidden[:, -last:].shape, generator=torch.Generator().manual_seed(0))
+        (grad,) = torch.autograd.grad((hidden[:, -last:].float() * weights.to(hidden.device)).sum(),
+                                      embeds)
     return bool((grad[:, :-last] == 0).all()) and bool(grad[:, -last:].abs().sum() > 0)
-
-
-def mechanism_for(config, attn_implementation: str) -> str:
-    """The mechanism for models of `config` with this attention, decided by `choose_mechanism`
-    on a small real model of the same architecture (one decoder layer of each kind, as the
-    profile traces them, and a small vocabulary) built on the side: the run's own model may be
-    partitioned (ZeRO-3) or too large to run twice. Random weights do: which inputs the model
-    honours is in its code, not its weights."""
-    key = (config.to_json_string(use_diff=False), attn_implementation)
-    if key not in _decided:
-        _decided[key] = choose_mechanism(_check_model(config, attn_implementation))
-    return _decided[key]
-
-
-def _check_model(config, attn_implementation: str):
-    import transformers
-
-    from ptlm.model.profile import representative_layers, without_attention_dropout
-
-    small = copy.deepcopy(representative_layers(without_attention_dropout(config))[0])
-    tc = text_config(small)
-    tc.vocab_size = CHECK_VOCAB
-    for name in SPECIAL_ID_FIELDS:  # ids past the small vocabulary would not embed
-        value = getattr(tc, name, None)
-        if isinstance(value, int) and value >= CHECK_VOCAB:
-            setattr(tc, name, None)
-    flash = attn_implementation.startswith("flash")
-    device = torch.device("cuda" if flash else "cpu")
-    dtype = torch.bfloat16 if flash else torch.float32
-    with torch.random.fork_rng(devices=[]):  # the run's own seeded init stays untouched
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(
-            small, attn_implementation=attn_implementation, dtype=dtype)
-    return model.to(device)
 
 
 @torch.no_grad()

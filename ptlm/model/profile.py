@@ -38,6 +38,7 @@ from torch.distributed._tools.mem_tracker import MemTracker, _ModState
 from ptlm.errors import PtlmError
 from ptlm.model.config import max_positions, text_config
 from ptlm.model.loss import causal_lm_loss, check_chunkable
+from ptlm.model.packing import choose_mechanism
 from ptlm.plan.facts import (
     ActivationProfile,
     LayerActivations,
@@ -61,6 +62,9 @@ ATTENTION_DROPOUT_FIELDS = ("attn_pdrop", "attention_dropout", "attention_probs_
                             "attn_dropout")
 RESIDUAL_DROPOUT_FIELDS = ("resid_pdrop", "hidden_dropout", "dropout", "residual_dropout")
 GRADIENT = "Gradient"  # MemTracker's category for parameter gradients (counted by the planner)
+CHECK_VOCAB = 512  # the packing check model's vocabulary: the mechanism does not depend on it
+SPECIAL_ID_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id")
+_mechanisms: dict[tuple[str, str], str] = {}  # (config JSON, attention) -> mechanism, per process
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,6 +179,34 @@ def measured_facts(config, name: str, seq_len: int) -> ModelFacts:
                        **structure)
     _write_cache(key, facts.to_dict())
     return facts
+
+
+def packing_mechanism(config, attention: str) -> str:
+    """How models of `config` with this attention are told where packed documents start
+    (ptlm.model.packing.MECHANISMS), decided by `choose_mechanism` on a small real model of the
+    architecture built on the side: one decoder layer of each kind (as the profile traces them)
+    and a small vocabulary, random weights (which inputs a model honours is in its code, not its
+    weights). The run's own model may be partitioned (ZeRO-3) or too large to run twice."""
+    key = (config.to_json_string(use_diff=False), attention)
+    if key not in _mechanisms:
+        _mechanisms[key] = choose_mechanism(_small_model(config, attention))
+    return _mechanisms[key]
+
+
+def _small_model(config, attention: str):
+    small = copy.deepcopy(representative_layers(without_attention_dropout(config))[0])
+    tc = text_config(small)
+    tc.vocab_size = CHECK_VOCAB
+    for name in SPECIAL_ID_FIELDS:  # ids past the small vocabulary would not embed
+        value = getattr(tc, name, None)
+        if isinstance(value, int) and value >= CHECK_VOCAB:
+            setattr(tc, name, None)
+    flash = attention.startswith("flash")  # flash-attention runs in 16 bits, on CUDA only
+    with torch.random.fork_rng(devices=[]):  # the caller's seeded init stays untouched
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(
+            small, attn_implementation=attention, dtype=torch.bfloat16 if flash else torch.float32)
+    return model.to("cuda" if flash else "cpu")
 
 
 def _cached_profile(config, seq_len: int, attention: str) -> ActivationProfile:

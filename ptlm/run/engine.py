@@ -24,7 +24,7 @@ from torch import nn
 from ptlm.errors import PtlmError
 from ptlm.model.load import check_vocab, embedding_rows, enable_checkpointing, load_model
 from ptlm.model.forward import LossModule
-from ptlm.model.packing import mechanism_for
+from ptlm.model.profile import packing_mechanism
 from ptlm.model.optim import build_optimizer, full_shape
 from ptlm.plan.dsconfig import OptimizerHyper
 from ptlm.plan.planner import Plan
@@ -100,7 +100,7 @@ def packing_record(packing: str, model: nn.Module) -> dict:
     if packing == "stream":
         return {"packing": "stream"}
     attention = model.config._attn_implementation
-    mechanism = decided_by_rank0(lambda: mechanism_for(model.config, attention),
+    mechanism = decided_by_rank0(lambda: packing_mechanism(model.config, attention),
                                  "check how the model takes packed documents")
     path = PACKING_PATHS.get((mechanism, attention), f"{attention} attention via {mechanism}")
     log.info("packing: documents; each document attends only to itself through %s", path)

@@ -19,7 +19,7 @@ from ptlm.data.reader import PackedDataset, eval_slice
 from ptlm.errors import PtlmError
 from ptlm.model.forward import LossModule
 from ptlm.model.loss import IGNORE_INDEX, causal_lm_loss
-from ptlm.model.packing import mechanism_for
+from ptlm.model.profile import packing_mechanism
 from ptlm.run.distributed import all_reduce_sum
 
 # forward(input_ids (B, T), labels (B, T), positions (B, T) or None) -> (mean, nll_sum, n_tokens)
@@ -114,7 +114,7 @@ def model_forward(model, chunked: bool = True, packing: str = DEFAULT_PACKING) -
     document positions through the mechanism the model honours (decided by behaviour)."""
     mechanism = None
     if packing == "documents":
-        mechanism = mechanism_for(model.config, model.config._attn_implementation)
+        mechanism = packing_mechanism(model.config, model.config._attn_implementation)
     return LossModule(model, chunked, mechanism)
 
 
