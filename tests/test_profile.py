@@ -29,6 +29,12 @@ CORNERS = {"A": (256, 1, "fp32", False, False), "B": (1024, 4, "bf16", True, Tru
 DEFAULT_GRID = [(family, CORNERS[c]) for family, corners in
                 [("qwen3", "AB"), ("gemma3_text", "BC"), ("llama", "C"), ("smollm3", "A"),
                  ("phi3", "B"), ("gpt_neox", "C"), ("lfm2", "AB")] for c in corners]
+# Packed documents (--packing documents, the run's default): the mask and what it changes in
+# each layer (sliding-window layers had a mask already; GQA's k and v get repeated)
+DOCUMENTS_GRID = [(family, CORNERS[c]) for family, corners in
+                  [("qwen3", "B"), ("gemma3_text", "AC"), ("phi3", "A"), ("gpt_neox", "B")]
+                  for c in corners]
+PACKABLE = [f for f in FAMILIES if f != "lfm2"]  # LFM2's convolutions cross documents
 
 
 @pytest.fixture(autouse=True)
@@ -36,15 +42,17 @@ def profile_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("PTLM_CACHE", str(tmp_path_factory.getbasetemp() / "ptlm-cache"))
 
 
-def _predicted_and_measured(family, seq, micro, precision, checkpointing, chunked):
+def _predicted_and_measured(family, seq, micro, precision, checkpointing, chunked,
+                            documents=False):
     from ptlm.run.memtrace import measure_step
 
     config = FAMILIES[family]()
     setting = Setting(precision=precision, checkpointing=checkpointing, chunked_loss=chunked,
                       micro_batch=micro)
     facts = profile.facts_for(config, family, seq)
-    predicted = estimate(facts, H100, Job(seq), setting).peak_tensor_bytes
-    return predicted, measure_step(config, setting, seq)["peak_bytes"]
+    predicted = estimate(facts, H100, Job(seq, documents=documents), setting).peak_tensor_bytes
+    packing = "documents" if documents else "stream"
+    return predicted, measure_step(config, setting, seq, packing=packing)["peak_bytes"]
 
 
 @pytest.mark.parametrize("family, case", DEFAULT_GRID,
@@ -59,6 +67,23 @@ def test_planned_peak_matches_a_measured_step(family, case):
 @pytest.mark.parametrize("case", GRID, ids=lambda c: "-".join(map(str, c)))
 def test_planned_peak_matches_a_measured_step_full_grid(family, case):
     predicted, measured = _predicted_and_measured(family, *case)
+    assert predicted == pytest.approx(measured, rel=TOLERANCE)
+
+
+@pytest.mark.parametrize("family, case", DOCUMENTS_GRID,
+                         ids=[f"{f}-{'-'.join(map(str, c))}" for f, c in DOCUMENTS_GRID])
+def test_planned_peak_with_packed_documents_matches_a_measured_step(family, case):
+    predicted, measured = _predicted_and_measured(family, *case, documents=True)
+    assert predicted == pytest.approx(measured, rel=TOLERANCE)
+    stream, _ = _predicted_and_measured(family, *case)
+    assert predicted > stream  # the mask is counted
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", PACKABLE)
+@pytest.mark.parametrize("case", GRID, ids=lambda c: "-".join(map(str, c)))
+def test_planned_peak_with_packed_documents_full_grid(family, case):
+    predicted, measured = _predicted_and_measured(family, *case, documents=True)
     assert predicted == pytest.approx(measured, rel=TOLERANCE)
 
 

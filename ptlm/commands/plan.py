@@ -20,6 +20,7 @@ from ptlm.commands.flags import (
     forced_from_args,
     hardware_from_args,
 )
+from ptlm.data.documents import DEFAULT_PACKING, PACKINGS
 from ptlm.errors import PtlmError
 from ptlm.model.config import model_facts, resolve_config
 from ptlm.plan.dsconfig import OptimizerHyper, build_ds_config
@@ -37,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, required=True, metavar="N")
     parser.add_argument("--global-batch", type=int, metavar="B",
                         help="sequences per optimizer step over all GPUs (default: largest that fits)")
+    parser.add_argument("--packing", choices=PACKINGS, default=DEFAULT_PACKING,
+                        help="as `ptlm train --packing`: documents (default) counts the "
+                             "block-causal mask the step carries")
     add_hardware_arguments(parser)
     add_setting_arguments(parser)
     out = parser.add_argument_group("output")
@@ -59,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
                         "optimizer step, or leave it out (the largest that fits)")
     model = model_facts(args.model, args.seq_len)
     hw = hardware_from_args(args)
-    job = Job(seq_len=args.seq_len, global_batch=args.global_batch)
+    job = Job(seq_len=args.seq_len, global_batch=args.global_batch,
+              documents=args.packing == "documents")
     result = plan(model, hw, job, forced_from_args(args).to_dict())
     if not args.host_memory and hw.host_memory_bytes:
         result.notes.append(f"host RAM: this machine's {hw.host_memory_bytes / GiB:.0f} GiB; pass "
@@ -86,7 +91,8 @@ def verify(model_spec: str, p: Plan) -> dict:
         return {"skipped": f"{setting.describe()}: --verify measures one device (ZeRO-0 without "
                            "offload); sharded settings rest on DeepSpeed's own accounting"}
     config = resolve_config(model_spec)
-    m = measure_step(config, setting, p.job.seq_len, attn="auto")
+    m = measure_step(config, setting, p.job.seq_len, attn="auto",
+                     packing="documents" if p.job.documents else "stream")
     predicted = p.memory.peak_tensor_bytes
     return {"measured_peak_bytes": m["peak_bytes"], "predicted_peak_tensor_bytes": predicted,
             "error": predicted / m["peak_bytes"] - 1, "measured_phase": m["peak_phase"],

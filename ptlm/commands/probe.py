@@ -78,7 +78,7 @@ def probe_plan(args, source, seq_len: int, world_size: int, gpu: bool):
     forced = forced_from_args(args)
     return runsetup.rank0_plan(lambda: runsetup.plan_for(
         args.model, source.config, seq_len, args.global_batch, forced, world_size, gpu,
-        use_probe_cache=False))
+        use_probe_cache=False, documents=args.packing == "documents"))
 
 
 def _run(args) -> int:
@@ -98,7 +98,7 @@ def _run(args) -> int:
     largest = largest_fitting(trials, divisors(per_gpu), p.micro_batch)
     hw = p.hardware
     key = cache_key(args.model, hw.gpu_name, hw.gpu_memory_bytes, args.seq_len, p.setting,
-                    dist.world_size)
+                    dist.world_size, p.job.documents)
     result = {"largest_micro_batch": largest, "planned_micro_batch": p.micro_batch,
               "trials": {str(k): v for k, v in sorted(trials.results.items())},
               "device": hw.gpu_name, "simulated_gpu_memory": simulate,

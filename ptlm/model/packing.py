@@ -19,6 +19,7 @@ from ptlm.errors import PtlmError
 from ptlm.model.loss import IGNORE_INDEX
 
 MECHANISMS = ("position_ids", "mask")
+STAND_IN_DOCUMENTS_PER_BLOCK = 4
 # The self-check: two documents of these lengths packed into one row, with a one-token document.
 CHECK_DOCUMENTS = (5, 1, 6)
 CHECK_TOLERANCE = 1e-4  # relative, per token; the check runs in the model's dtype
@@ -62,6 +63,14 @@ def model_inputs(model, positions: torch.Tensor, mechanism: str) -> dict:
                 "attention_mask": block_causal_mask(positions, config._attn_implementation,
                                                     model.dtype)}
     raise PtlmError(f"packing mechanism {mechanism!r} is not one of {MECHANISMS}")
+
+
+def stand_in_positions(batch: int, seq_len: int, device=None) -> torch.Tensor:
+    """(batch, seq_len) positions of STAND_IN_DOCUMENTS_PER_BLOCK equal documents per block:
+    for measuring a step without data (the probe, memtrace). The memory the documents cost
+    (the mask, the repeated k and v) does not depend on where they start."""
+    piece = max(1, seq_len // STAND_IN_DOCUMENTS_PER_BLOCK)
+    return (torch.arange(seq_len, device=device) % piece).expand(batch, -1)
 
 
 def positions_of(lengths) -> torch.Tensor:

@@ -38,7 +38,7 @@ from torch.distributed._tools.mem_tracker import MemTracker, _ModState
 from ptlm.errors import PtlmError
 from ptlm.model.config import max_positions, text_config
 from ptlm.model.loss import causal_lm_loss, check_chunkable
-from ptlm.model.packing import choose_mechanism
+from ptlm.model.packing import choose_mechanism, labels_for, model_inputs, stand_in_positions
 from ptlm.plan.facts import (
     ActivationProfile,
     LayerActivations,
@@ -50,7 +50,7 @@ from ptlm.plan.probe_cache import CACHE_ENV
 
 log = logging.getLogger(__name__)
 
-PROFILE_VERSION = 2  # bump when what a profile measures changes: old cache entries are ignored
+PROFILE_VERSION = 4  # bump when what a profile measures changes: old cache entries are ignored
 # The profile is fitted at the planned length and a shorter one, so it is exact where it is used.
 SHORT_SEQ_DIVISOR = 2
 MIN_PROFILE_SEQ = 8
@@ -72,7 +72,7 @@ _mechanisms: dict[tuple[str, str], str] = {}  # (config JSON, attention) -> mech
 # ----------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def fake_trace():
+def fake_trace(packed: bool = False):
     """FakeTensorMode, with transformers seeing the step it would see on real tensors.
 
     transformers 5.x takes FakeTensors for a graph being traced: its mask code cannot read their
@@ -81,10 +81,12 @@ def fake_trace():
     A real training step (one sequence per row, no padding) gets neither: SDPA runs is_causal.
     The positions ptlm traces are always arange(T), so packed-sequence detection is answered "no".
     (Qwen3-shaped layer, fp32, T=384: 34,392 bytes/token traced without this, 30,808 with it and
-    on real tensors.)
+    on real tensors.) packed=True: the traced step carries packed documents' position_ids, so
+    transformers' own answer (a mask) is the right one and is left alone.
     """
     detect = masking_utils.find_packed_sequence_indices
-    masking_utils.find_packed_sequence_indices = _not_packed
+    if not packed:
+        masking_utils.find_packed_sequence_indices = _not_packed
     try:
         with FakeTensorMode():
             yield
@@ -155,13 +157,25 @@ def _not_causal_lm(config, e: Exception) -> str:
 
 def facts_for(config, name: str, seq_len: int) -> ModelFacts:
     """The planner's facts for `config`: hand formulas where they are exact (OPT and GPT-2
-    entirely, no tracing; the parameters of Llama, Mistral and Qwen2), measured elsewhere."""
+    entirely, no tracing; the parameters of Llama, Mistral and Qwen2), measured elsewhere; the
+    packing mechanism always by running a small model of the architecture."""
     if has_hand_activations(config):
-        return ModelFacts.from_config(config, name=name)
-    if has_hand_reader(config):
         facts = ModelFacts.from_config(config, name=name)
-        return replace(facts, activations=_cached_profile(config, seq_len, "sdpa"))
+        return replace(facts, packing_mechanism=_mechanism_or_none(config, "sdpa"))
+    if has_hand_reader(config):
+        mechanism = _mechanism_or_none(config, "sdpa")
+        return replace(ModelFacts.from_config(config, name=name), packing_mechanism=mechanism,
+                       activations=_cached_profile(config, seq_len, "sdpa"),
+                       documents_activations=_cached_profile(config, seq_len, "sdpa", mechanism)
+                       if mechanism else None)
     return measured_facts(config, name, seq_len)
+
+
+def _mechanism_or_none(config, attention: str) -> str | None:
+    try:
+        return packing_mechanism(config, attention)
+    except PtlmError:  # cannot take packed documents: a documents run refuses it at setup
+        return None
 
 
 def measured_facts(config, name: str, seq_len: int) -> ModelFacts:
@@ -175,8 +189,12 @@ def measured_facts(config, name: str, seq_len: int) -> ModelFacts:
     if not structure["rotary"] and structure["positions"]:
         seq_len = min(seq_len, structure["positions"])  # the planner refuses longer, clearly
     attention = model.config._attn_implementation  # what training builds: SDPA, else eager
+    mechanism = _mechanism_or_none(config, attention)
     facts = ModelFacts(name=name, activations=activation_profile(config, seq_len, attention, model),
-                       **structure)
+                       packing_mechanism=mechanism, **structure)
+    if mechanism is not None:
+        facts = replace(facts, documents_activations=activation_profile(
+            config, seq_len, attention, model, mechanism))
     _write_cache(key, facts.to_dict())
     return facts
 
@@ -204,17 +222,25 @@ def _small_model(config, attention: str):
     flash = attention.startswith("flash")  # flash-attention runs in 16 bits, on CUDA only
     with torch.random.fork_rng(devices=[]):  # the caller's seeded init stays untouched
         torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(
-            small, attn_implementation=attention, dtype=torch.bfloat16 if flash else torch.float32)
+        try:
+            model = transformers.AutoModelForCausalLM.from_config(
+                small, attn_implementation=attention,
+                dtype=torch.bfloat16 if flash else torch.float32)
+        except ValueError as e:  # no such path (Gemma 2 has no SDPA): what training falls back to
+            if "attention" not in str(e).lower() or attention == "eager":
+                raise
+            return _small_model(config, "eager")
     return model.to("cuda" if flash else "cpu")
 
 
-def _cached_profile(config, seq_len: int, attention: str) -> ActivationProfile:
-    key = "activations-" + _cache_key(config, seq_len)
+def _cached_profile(config, seq_len: int, attention: str,
+                    mechanism: str | None = None) -> ActivationProfile:
+    """activation_profile, cached; on packed documents through `mechanism` when given."""
+    key = f"activations-{mechanism or 'stream'}-" + _cache_key(config, seq_len)
     cached = _read_cache(key)
     if cached is not None:
         return ActivationProfile.from_dict(cached)
-    result = activation_profile(config, seq_len, attention)
+    result = activation_profile(config, seq_len, attention, mechanism=mechanism)
     _write_cache(key, asdict(result))
     return result
 
@@ -248,6 +274,7 @@ def _structure(config, model) -> dict:
                               if isinstance(getattr(tc, f, None), (int, float))] or [0.0]),
         rotary=not _has_position_table(model, embed),
         rms_norm=any("RMSNorm" in type(m).__name__ for m in model.modules()),
+        head_dim=getattr(tc, "head_dim", None) or hidden // max(heads, 1),
         tied_embeddings=head is not None and head.weight is embed.weight,
         chunkable_loss=chunkable,
         softcapped_logits=bool(getattr(tc, "final_logit_softcapping", None)))
@@ -272,15 +299,17 @@ def _has_position_table(model, embed) -> bool:
 # Activations
 # ----------------------------------------------------------------------------------------------
 
-def activation_profile(config, seq_len: int, attention: str = "sdpa",
-                       model=None) -> ActivationProfile:
-    """Per-layer activation bytes per token, traced at seq_len and a shorter length."""
+def activation_profile(config, seq_len: int, attention: str = "sdpa", model=None,
+                       mechanism: str | None = None) -> ActivationProfile:
+    """Per-layer activation bytes per token, traced at seq_len and a shorter length; with
+    `mechanism` (ptlm.model.packing.MECHANISMS), on packed documents given to the model that
+    way (stand-in documents: the mask's cost does not depend on where they start)."""
     long = max(seq_len, MIN_PROFILE_SEQ)
     short = max(long // SHORT_SEQ_DIVISOR, MIN_PROFILE_SEQ // SHORT_SEQ_DIVISOR)
     traced, weights = representative_layers(config, model)
     profile = {}
     for width, dtype in TRACE_DTYPES.items():
-        at = {(seq, ckpt): _trace(traced, weights, dtype, seq, ckpt, attention)
+        at = {(seq, ckpt): _trace(traced, weights, dtype, seq, ckpt, attention, mechanism)
               for seq in (short, long) for ckpt in (False, True)}
         saved, saved_pos = _fit(at[short, False][0], at[long, False][0], short, long)
         back, back_pos = _fit(at[short, False][1], at[long, False][1], short, long)
@@ -349,11 +378,12 @@ def decoder_layers(model, layers: int) -> torch.nn.ModuleList:
 
 
 def _trace(config, weights: list[float], dtype: torch.dtype, seq: int, checkpointing: bool,
-           attention: str) -> tuple[float, float]:
-    """(saved, backward) bytes per token of the mean decoder layer, one sequence of `seq`."""
+           attention: str, mechanism: str | None = None) -> tuple[float, float]:
+    """(saved, backward) bytes per token of the mean decoder layer, one sequence of `seq`
+    (of packed stand-in documents when a mechanism is given)."""
     config = without_attention_dropout(config)
     layers = len(weights)
-    with fake_trace():
+    with fake_trace(packed=mechanism is not None):
         model = transformers.AutoModelForCausalLM.from_config(
             config, dtype=dtype, attn_implementation=attention)
         if checkpointing:
@@ -363,7 +393,12 @@ def _trace(config, weights: list[float], dtype: torch.dtype, seq: int, checkpoin
         tracker.track_external(model)
         with tracker:
             ids = torch.randint(0, model.get_input_embeddings().weight.shape[0], (1, seq))
-            loss = causal_lm_loss(model, ids, chunked=False)
+            labels, packed = ids, None
+            if mechanism is not None:
+                positions = stand_in_positions(1, seq)
+                labels, packed = labels_for(ids, positions), model_inputs(model, positions,
+                                                                          mechanism)
+            loss = causal_lm_loss(model, ids, labels, chunked=False, packed=packed)
             loss.backward()
         stack = decoder_layers(model, layers)
         saved = backward = 0.0

@@ -105,9 +105,22 @@ class ModelFacts:
     tied_embeddings: bool
     # Measured activation memory (any architecture); None = the hand formulas of ptlm.plan.memory.
     activations: ActivationProfile | None = None
+    # The same measured with packed documents (their mask and what it changes in every layer);
+    # None = the formula of ptlm.plan.memory._packing_bytes.
+    documents_activations: ActivationProfile | None = None
     # The chunked loss reproduces the model's logits (no soft-capping or scaling after the head).
     chunkable_loss: bool = True
     softcapped_logits: bool = False  # final_logit_softcapping (Gemma 2): tanh after the head
+    # Width of one attention head (Qwen3, Gemma: not hidden / heads); 0 = hidden // heads.
+    head_dim: int = 0
+    # How the model is told where packed documents start (ptlm.model.packing.MECHANISMS:
+    # "position_ids" or "mask"), decided by running it; None: unknown, or it cannot be told
+    # (then a run with --packing documents refuses it).
+    packing_mechanism: str | None = None
+
+    @property
+    def attention_head_dim(self) -> int:
+        return self.head_dim or self.hidden // max(self.heads, 1)
 
     @property
     def learned_positions(self) -> bool:
@@ -125,8 +138,9 @@ class ModelFacts:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelFacts":
         d = dict(d)
-        if d.get("activations") is not None:
-            d["activations"] = ActivationProfile.from_dict(d["activations"])
+        for key in ("activations", "documents_activations"):
+            if d.get(key) is not None:
+                d[key] = ActivationProfile.from_dict(d[key])
         return cls(**d)
 
     @classmethod
@@ -223,7 +237,8 @@ def _llama_facts(cfg) -> ModelFacts:
         largest_layer_params=max(embed, _linear(h, f, mlp_bias), _linear(h, q, qkv_bias)),
         vector_params=cfg.num_hidden_layers * vectors + h,
         hidden_act=cfg.hidden_act, gated_mlp=True,
-        residual_dropout=0.0, rotary=True, rms_norm=True, tied_embeddings=tied)
+        residual_dropout=0.0, rotary=True, rms_norm=True, tied_embeddings=tied,
+        head_dim=head_dim)
 
 
 _READERS = {"opt": _opt_facts, "gpt2": _gpt2_facts, "llama": _llama_facts,

@@ -44,10 +44,16 @@ def cache_path() -> Path:
     return root / "probe.json"
 
 
-def cache_key(model: str, gpu_name: str, gpu_memory: int, seq_len: int, setting, world: int) -> str:
+def cache_key(model: str, gpu_name: str, gpu_memory: int, seq_len: int, setting, world: int,
+              documents: bool = False) -> str:
+    """documents: probed with document-aware packing's mask (a key of its own; the keys of
+    stream packing are those written before packing existed)."""
     knobs = {k: v for k, v in setting.to_dict().items() if k != "micro_batch"}
-    return json.dumps({"model": model, "gpu": gpu_name, "gpu_memory": gpu_memory,
-                       "seq_len": seq_len, "world": world, "setting": knobs}, sort_keys=True)
+    key = {"model": model, "gpu": gpu_name, "gpu_memory": gpu_memory, "seq_len": seq_len,
+           "world": world, "setting": knobs}
+    if documents:
+        key["packing"] = "documents"
+    return json.dumps(key, sort_keys=True)
 
 
 def read_cache() -> dict:

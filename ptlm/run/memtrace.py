@@ -17,8 +17,9 @@ from torch.distributed._tools.mem_tracker import MemTracker
 
 from ptlm.errors import PtlmError
 from ptlm.model.load import load_model
-from ptlm.model.profile import fake_trace, without_attention_dropout
-from ptlm.model.loss import causal_lm_loss
+from ptlm.model.forward import LossModule
+from ptlm.model.packing import stand_in_positions
+from ptlm.model.profile import fake_trace, packing_mechanism, without_attention_dropout
 from ptlm.model.optim import build_optimizer
 from ptlm.plan.setting import PLAIN_HF, Setting
 
@@ -36,7 +37,7 @@ CATEGORIES = {"Parameter": "parameters", "Buffer": "buffers", "Gradient": "gradi
 
 
 def measure_step(config, setting: Setting, seq_len: int, steps: int = 2, fake: bool = True, *,
-                 attn: str = "sdpa", engine: str = "auto") -> dict:
+                 attn: str = "sdpa", engine: str = "auto", packing: str = "stream") -> dict:
     """Peak memory of a steady-state training step of `config` under `setting`, in bytes.
 
     Runs `steps` full steps (forward + backward + optimizer step + zero_grad) at batch
@@ -47,6 +48,9 @@ def measure_step(config, setting: Setting, seq_len: int, steps: int = 2, fake: b
     through backward holds one more fp32 logits tensor: 21.65 instead of 18.59 GiB for plain
     OPT-125M at 16 x 1024).
 
+    packing: "documents" runs ptlm's document-aware step (ptlm.model.forward.LossModule with
+      stand-in document positions, ptlm.model.packing.stand_in_positions), "stream" one
+      sequence per block.
     attn: the attention implementation measured ("sdpa", "eager"). With SDPA the config's
       attention dropout is zeroed for the measurement (see ptlm.model.profile.without_attention_dropout), so the
       figure is what CUDA's fused SDPA kernels allocate, not CPU's math fallback.
@@ -99,11 +103,15 @@ def measure_step(config, setting: Setting, seq_len: int, steps: int = 2, fake: b
     start = time.perf_counter()
     if attn in ("sdpa", "auto"):  # "auto": SDPA, or eager where the model has no SDPA path
         config = without_attention_dropout(config)
-    with fake_trace() if fake else contextlib.nullcontext():
+    documents = packing == "documents"
+    # decided on real tensors, before the fake ones: it runs a small model of the architecture
+    mechanism = packing_mechanism(config, "sdpa" if attn == "auto" else attn) if documents else None
+    with fake_trace(packed=documents) if fake else contextlib.nullcontext():
         model = load_model(config, setting.precision, attn=attn, checkpointing=setting.checkpointing)
         model.train()
         optimizer = _build(model, setting, engine, fake)
-        result = _run(model, optimizer, setting, seq_len, steps, config.vocab_size)
+        result = _run(LossModule(model, setting.chunked_loss, mechanism), optimizer, setting,
+                      seq_len, steps, config.vocab_size)
     result.update(master_params_bytes=_master_bytes(optimizer), engine=engine, fake=fake,
                   seq_len=seq_len, micro_batch=setting.micro_batch, setting=setting.to_dict(),
                   seconds=round(time.perf_counter() - start, 2))
@@ -123,9 +131,10 @@ def _build(model, setting: Setting, engine: str, fake: bool) -> torch.optim.Opti
     return _DeepSpeedZero0(named, make_inner, setting.precision != "fp32", loss_scale)
 
 
-def _run(model, optimizer, setting: Setting, seq_len: int, steps: int, vocab_size: int) -> dict:
+def _run(step: LossModule, optimizer, setting: Setting, seq_len: int, steps: int,
+         vocab_size: int) -> dict:
     tracker = _PhaseTracker()
-    tracker.track_external(model, *_optimizers(optimizer))
+    tracker.track_external(step.model, *_optimizers(optimizer))
     loss_scale = getattr(optimizer, "loss_scale", 1.0)
     step_peaks, phases = [], {}
     with tracker:
@@ -133,7 +142,10 @@ def _run(model, optimizer, setting: Setting, seq_len: int, steps: int, vocab_siz
             tracker.reset_mod_stats()  # MemTracker refuses a second iteration otherwise
             tracker.reset_peak()
             input_ids = torch.randint(0, vocab_size, (setting.micro_batch, seq_len))  # (B, T)
-            loss = causal_lm_loss(model, input_ids, chunked=setting.chunked_loss)
+            positions = None
+            if step.mechanism is not None:
+                positions = stand_in_positions(setting.micro_batch, seq_len)
+            loss, _, _ = step(input_ids, None, positions)
             phases["forward"] = tracker.end_phase()
             (loss.float() * loss_scale if loss_scale != 1.0 else loss).backward()
             del loss

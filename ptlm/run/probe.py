@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ptlm.data.reader import Batch
+from ptlm.model.packing import stand_in_positions
 from ptlm.plan.memory import estimate
 from ptlm.plan.probe_cache import cache_path
 from ptlm.run.distributed import any_rank
@@ -28,7 +29,6 @@ from ptlm.run.distributed import any_rank
 log = logging.getLogger(__name__)
 
 PROBE_STEPS = 2  # optimizer steps per trial: the 2nd has optimizer states (steady state)
-PROBE_DOCUMENT_DIVISOR = 4  # without --data: random documents of a quarter block each
 
 
 # ------------------------------------------------------------------------------ trials
@@ -93,17 +93,14 @@ class Trials:
 
 def probe_batches(packing: str, data, seq_len: int, vocab: int, device):
     """micro -> a Batch shaped as the run's: the data's first blocks when it is given (their
-    document structure too), else random tokens with documents of PROBE_DOCUMENT_DIVISOR-th of a
-    block (the block-causal mask costs the same for any documents)."""
+    document structure too), else random tokens with stand-in documents."""
     def batches(micro: int) -> Batch:
         if data is not None:
             return data.blocks_of(np.arange(micro) % len(data)).to(device)
         ids = torch.randint(0, vocab, (micro, seq_len), device=device)
         if packing == "stream":
             return Batch(ids)
-        piece = max(1, seq_len // PROBE_DOCUMENT_DIVISOR)
-        positions = (torch.arange(seq_len, device=device) % piece).expand(micro, -1)
-        return Batch(ids, positions)
+        return Batch(ids, stand_in_positions(micro, seq_len, device))
     return batches
 
 

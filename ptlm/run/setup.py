@@ -215,11 +215,11 @@ def _resolve_plan_here(cfg: RunConfig, config, seq_len: int, world_size: int,
                             f"{seq_len}")
         return p
     return plan_for(cfg.what.model, config, seq_len, cfg.optim.global_batch or DEFAULT_GLOBAL_BATCH,
-                    cfg.forced, world_size, on_gpu)
+                    cfg.forced, world_size, on_gpu, documents=cfg.corpus.packing == "documents")
 
 
 def plan_for(spec: str, config, seq_len: int, global_batch: int, forced: Forced, world_size: int,
-             on_gpu: bool, use_probe_cache: bool = True) -> Plan:
+             on_gpu: bool, use_probe_cache: bool = True, documents: bool = True) -> Plan:
     """plan() for this machine; a micro-batch above what `ptlm probe` saw fit here is lowered."""
     forced = forced.to_dict()  # the planner takes the set knobs as a dict
     if not on_gpu:  # CPU ranks: fp32 and no ZeRO/offload unless forced (they all run there)
@@ -230,13 +230,14 @@ def plan_for(spec: str, config, seq_len: int, global_batch: int, forced: Forced,
             raise PtlmError("--precision fp16: DeepSpeed's CPU accelerator has no fp16 on this "
                             "CPU (no oneDNN fp16 kernels, e.g. AVX512-FP16/AMX-FP16); use "
                             "--precision bf16 or fp32 on CPU ranks")
-    job = Job(seq_len=seq_len, global_batch=global_batch)
+    job = Job(seq_len=seq_len, global_batch=global_batch, documents=documents)
     facts = facts_for(config, spec, seq_len)
     hw = hardware(world_size)
     p = plan(facts, hw, job, forced)
     if not use_probe_cache or "micro_batch" in forced:
         return p
-    key = probe_cache.cache_key(spec, hw.gpu_name, hw.gpu_memory_bytes, seq_len, p.setting, world_size)
+    key = probe_cache.cache_key(spec, hw.gpu_name, hw.gpu_memory_bytes, seq_len, p.setting,
+                                world_size, documents)
     probed = probe_cache.cached_largest(key)
     if probed is not None and 0 < probed < p.micro_batch:
         log.info("ptlm probe measured micro-batch %d as the largest that fits %s here (planned "
