@@ -5,13 +5,15 @@ attends only to itself, positions restart, no target crosses a boundary). Both a
 model is used: each validation document alone, from position 0. Also each way's training
 throughput on this machine.
 
-    python bench/bench_packing.py [--steps 150] [--families llama,opt]   # ~20 min on 2 cores
+    python bench/bench_packing.py [--steps 300] [--families llama,opt] [--seeds 0,1]
+                                  [--unit sentences|paragraphs]     # ~30 min on 2 cores
 
-Data: paragraphs of Machado de Assis (../shared/data/pt; the works are hard-wrapped, a paragraph
-ends on a short line ending a sentence: short real documents, many of them dialogue lines), a BPE
-trained on them, packed at seq 128 by ptlm prepare.
-The loop is plain PyTorch over ptlm's loss and packing inputs (ptlm.model.loss,
-ptlm.model.packing), so only the packing differs between the two runs.
+Data: sentences (default; the issue's case: several ~25-token documents per block) or paragraphs
+of Machado de Assis (../shared/data/pt; the works are hard-wrapped, a paragraph ends on a short
+line ending a sentence), a BPE trained on them, packed at seq 128 by ptlm prepare.
+The step is ptlm's own forward (ptlm.model.forward.LossModule: the loss, and the packed
+documents through the mechanism ptlm.model.profile.packing_mechanism finds) in a plain AdamW
+loop, so only the packing differs between the two runs of a seed (same init, same blocks).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import tempfile
 import time
@@ -33,20 +36,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import SHARED, machine  # noqa: E402
 
-from ptlm.data.documents import DocumentIndex  # noqa: E402
 from ptlm.data.prepare import PrepareConfig, prepare  # noqa: E402
 from ptlm.data.reader import PackedDataset  # noqa: E402
-from ptlm.model.loss import causal_lm_loss  # noqa: E402
-from ptlm.model.packing import choose_mechanism, labels_for, model_inputs  # noqa: E402
+from ptlm.model.forward import LossModule  # noqa: E402
+from ptlm.model.profile import packing_mechanism  # noqa: E402
 
 SEQ = 128
 BATCH = 16
 VOCAB = 4096  # a BPE trained on the corpus: the head's cost does not drown the model's
 LR = 1e-3
-MAX_PARAGRAPHS = 20_000
+MAX_DOCUMENTS = 40_000
 MIN_PARAGRAPH_CHARS = 40
 PARAGRAPH_END = (".", "!", "?", "»", '"', ":")
 SHORT_LINE = 70  # characters: a wrapped line is ~75-80
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-ZÀ-Ú—«\"])")  # a sentence ends, the next begins
+MIN_SENTENCE_CHARS = 20
 VAL_DOCS_SCORED = 400
 MODELS = {
     "llama": dict(model_type="llama", hidden_size=256, intermediate_size=688,
@@ -58,18 +62,21 @@ MODELS = {
 }
 
 
-def paragraphs_corpus(dest: Path) -> Path:
+def documents_corpus(dest: Path, unit: str) -> Path:
+    """The corpus as one short real document per line: paragraphs, or the sentences of them."""
     source = SHARED / "data" / "pt" / "machado_de_assis.jsonl"
     if not source.exists():
         sys.exit(f"needs {source} (set PTLM_SHARED)")
-    out = dest / "paragraphs.jsonl"
+    out = dest / f"{unit}.jsonl"
     n = 0
+    shortest = MIN_SENTENCE_CHARS if unit == "sentences" else MIN_PARAGRAPH_CHARS
     with open(source, encoding="utf-8") as f, open(out, "w", encoding="utf-8") as g:
         for line in f:
             for para in paragraphs(json.loads(line)["text"]):
-                if len(para) >= MIN_PARAGRAPH_CHARS and n < MAX_PARAGRAPHS:
-                    g.write(json.dumps({"text": para}, ensure_ascii=False) + "\n")
-                    n += 1
+                for doc in SENTENCE_END.split(para) if unit == "sentences" else [para]:
+                    if len(doc) >= shortest and n < MAX_DOCUMENTS:
+                        g.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
+                        n += 1
     return out
 
 
@@ -86,31 +93,28 @@ def paragraphs(text: str):
         yield " ".join(x for x in lines if x)
 
 
-def build(family: str, vocab: int):
+def build(family: str, vocab: int, seed: int):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     fields = dict(MODELS[family])
     config = AutoConfig.for_model(fields.pop("model_type"), vocab_size=vocab, **fields)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
 
 
-def train(model, data: PackedDataset, index: DocumentIndex, steps: int, documents: bool) -> float:
+def train(model, data: PackedDataset, steps: int, documents: bool, seed: int) -> float:
     """Train in place; returns tokens/s."""
-    mechanism = choose_mechanism(model) if documents else None
+    mechanism = packing_mechanism(model.config, "sdpa") if documents else None
+    step_fn = LossModule(model, chunked=True, mechanism=mechanism)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
-    order = np.random.default_rng(0).permutation(len(data))
+    order = np.random.default_rng(seed).permutation(len(data))
     model.train()
     tokens, t0 = 0, time.perf_counter()
     for step in range(steps):
         blocks = order[(step * BATCH) % len(order):][:BATCH]
-        ids = data.batch(blocks)
-        if documents:
-            positions = torch.from_numpy(index.positions(blocks))
-            loss = causal_lm_loss(model, ids, labels_for(ids, positions),
-                                  packed=model_inputs(model, positions, mechanism))
-        else:
-            loss = causal_lm_loss(model, ids)
+        batch = data.blocks_of(blocks)
+        loss, _, _ = step_fn(batch.input_ids, None, batch.positions if documents else None)
+        ids = batch.input_ids
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -139,36 +143,46 @@ def score_documents_alone(model, val: PackedDataset, eos: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--families", default="llama,opt")
+    ap.add_argument("--seeds", default="0,1", help="init and data order; each seed trains both ways")
+    ap.add_argument("--unit", choices=("sentences", "paragraphs"), default="sentences")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    seeds = [int(x) for x in args.seeds.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        corpus = paragraphs_corpus(Path(tmp))
+        corpus = documents_corpus(Path(tmp), args.unit)
         data_dir = Path(tmp) / "data"
         manifest = prepare(PrepareConfig(sources=[str(corpus)], out=data_dir, seq_len=SEQ,
                                          train_tokenizer=VOCAB, val_fraction=0.05,
                                          progress=False))
         train_ds, val_ds = PackedDataset(data_dir, "train"), PackedDataset(data_dir, "val")
         lengths = train_ds.document_lengths()
-        index = DocumentIndex(lengths, SEQ)
         print(f"Machine: {machine()}; date {date.today()}; torch {torch.__version__}")
-        print(f"Data: {manifest['documents']} paragraphs of Machado de Assis, a {VOCAB}-id BPE "
+        print(f"Data: {manifest['documents']} {args.unit} of Machado de Assis, a {VOCAB}-id BPE "
               f"trained on them, median "
               f"{int(np.median(lengths))} tokens, {np.mean(lengths < SEQ):.0%} shorter than a "
               f"block; packed at seq {SEQ}: {len(train_ds)} train blocks, "
               f"{lengths.size / len(train_ds):.1f} documents per block")
         print(f"Training: {args.steps} steps x {BATCH} blocks ({args.steps * BATCH * SEQ:,} "
-              f"tokens), AdamW lr {LR}, fp32, CPU; val: {VAL_DOCS_SCORED} documents scored alone\n")
-        print("| model | packing | val loss, documents alone | val ppl | train tokens/s |")
-        print("|---|---|---|---|---|")
+              f"tokens), AdamW lr {LR}, fp32, CPU; val: {VAL_DOCS_SCORED} documents scored "
+              f"alone; seeds {args.seeds}\n")
+        print("| model | seed | packing | val loss, documents alone | val ppl | train tokens/s |")
+        print("|---|---|---|---|---|---|")
         for family in args.families.split(","):
-            for documents in (False, True):
-                model = build(family, manifest["tokenizer"]["vocab_size"])
-                tps = train(model, train_ds, index, args.steps, documents)
-                loss = score_documents_alone(model, val_ds, manifest["eos_id"])
-                print(f"| {family} | {'documents' if documents else 'stream'} | {loss:.4f} | "
-                      f"{math.exp(loss):.1f} | {tps:,.0f} |", flush=True)
+            gaps = []
+            for seed in seeds:
+                result = {}
+                for documents in (False, True):
+                    model = build(family, manifest["tokenizer"]["vocab_size"], seed)
+                    tps = train(model, train_ds, args.steps, documents, seed)
+                    loss = score_documents_alone(model, val_ds, manifest["eos_id"])
+                    result[documents] = loss
+                    print(f"| {family} | {seed} | {'documents' if documents else 'stream'} | "
+                          f"{loss:.4f} | {math.exp(loss):.1f} | {tps:,.0f} |", flush=True)
+                gaps.append(result[True] - result[False])
+            print(f"| {family} | mean | documents - stream | {np.mean(gaps):+.4f} "
+                  f"(per seed: {', '.join(f'{g:+.4f}' for g in gaps)}) | | |", flush=True)
 
 
 if __name__ == "__main__":
