@@ -60,3 +60,19 @@ def test_packing_is_recorded_and_a_resume_cannot_change_it(tmp_path, demo_datase
     assert r.returncode != 0
     assert "--packing stream: the checkpoint's run trained with --packing documents" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_model_that_cannot_keep_documents_apart_is_refused_at_setup(tmp_path, demo_dataset):
+    """LFM2's convolutions reach into the previous document: a documents run stops before step 1
+    with one line that names --packing stream (which then trains)."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.families import FAMILIES
+
+    init = tmp_path / "lfm2"
+    AutoModelForCausalLM.from_config(FAMILIES["lfm2"]()).save_pretrained(init)
+    common = ["--global-batch", 8, "--micro-batch", 8, "--max-steps", 1, "--no-export"]
+    r = train(demo_dataset, tmp_path / "run", init, *common, scratch=False, check=False)
+    assert r.returncode != 0
+    assert "--packing stream" in r.stderr and "Traceback" not in r.stderr
+    train(demo_dataset, tmp_path / "run", init, *common, "--packing", "stream", scratch=False)

@@ -25,6 +25,7 @@ from ptlm.plan.planner import Plan, plan
 from ptlm.plan.setting import Forced
 from ptlm.run import hardware as machine
 from ptlm.run.config import RunConfig
+from ptlm.run.distributed import decided_by_rank0
 
 log = logging.getLogger(__name__)
 
@@ -179,27 +180,9 @@ def resolve_plan(cfg: RunConfig, config, seq_len: int, world_size: int, on_gpu: 
 
 
 def rank0_plan(decide: Callable[[], Plan]) -> Plan:
-    """decide() on rank 0 only; every rank gets its Plan (torch.distributed.broadcast_object_list
-    on the default group). An error on rank 0 is raised on every rank, so none waits forever."""
-    dist = torch.distributed
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return decide()
-    box: list = [None]
-    error = None
-    if dist.get_rank() == 0:
-        try:
-            box = [("plan", decide())]
-        except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks know
-            error = e
-            box = [("error", f"{type(e).__name__}: {e}" if not isinstance(e, PtlmError)
-                    else str(e))]
-    dist.broadcast_object_list(box, src=0)
-    if error is not None:
-        raise error
-    kind, value = box[0]
-    if kind == "error":
-        raise PtlmError(f"rank 0 could not plan the run: {value}")
-    return value
+    """decide() on rank 0 only; every rank gets its Plan (ranks see their own host RAM, GPU and
+    probe cache); an error on rank 0 is raised on every rank."""
+    return decided_by_rank0(decide, "plan the run")
 
 
 def _resolve_plan_here(cfg: RunConfig, config, seq_len: int, world_size: int,
