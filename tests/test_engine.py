@@ -49,14 +49,14 @@ def _plan_on_rank(rank: int, port: int, data: str, out: str, model: str, tmp: st
         mine = runsetup.plan_for(model, source.config, 64, 16, cfg.forced, 2, False)
         hw = mine.hardware
         probe_cache.write_cache(probe_cache.cache_key(model, hw.gpu_name, hw.gpu_memory_bytes,
-                                                      64, mine.setting, 2),
+                                                      64, mine.setting, 2, documents=True),
                                 {"largest_micro_batch": 1})
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     try:
         trained = runsetup.resolve_plan(cfg, source.config, 64, 2, False)
         args = argparse.Namespace(model=model, global_batch=16, precision=None, zero=None,
                                   offload=None, checkpointing=None, optimizer=None,
-                                  chunked_loss=None, micro_batch=None)
+                                  chunked_loss=None, micro_batch=None, packing="documents")
         probed = probe_cmd.probe_plan(args, source, 64, 2, False)
 
         def fail():

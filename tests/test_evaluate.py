@@ -12,18 +12,37 @@ from ptlm.run.evaluate import evaluate_blocks, evaluate_text, model_forward
 from tests.conftest import ROOT
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, demo_dataset):
-    from transformers import OPTConfig, OPTForCausalLM
+def _saved(folder, config, demo_dataset):
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("m")
-    OPTForCausalLM(OPTConfig(vocab_size=1024, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
-                             num_attention_heads=2, max_position_embeddings=128,
-                             word_embed_proj_dim=32)).save_pretrained(folder)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     for f in (demo_dataset / "tokenizer").iterdir():
         (folder / f.name).write_bytes(f.read_bytes())
     return folder
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, demo_dataset):
+    from transformers import OPTConfig
+
+    return _saved(tmp_path_factory.mktemp("m"), OPTConfig(
+        vocab_size=1024, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
+        max_position_embeddings=128, word_embed_proj_dim=32), demo_dataset)
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory, demo_dataset, model_dir):
+    """OPT (an explicit mask), GPT-2 and a Llama (position_ids): the three ways the issue names."""
+    from transformers import GPT2Config, LlamaConfig
+
+    return {"opt": model_dir,
+            "gpt2": _saved(tmp_path_factory.mktemp("gpt2"), GPT2Config(
+                vocab_size=1024, n_embd=32, n_layer=2, n_head=2, n_positions=128), demo_dataset),
+            "llama": _saved(tmp_path_factory.mktemp("llama"), LlamaConfig(
+                vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128),
+                demo_dataset)}
 
 
 def hf_nll(model, ids, labels):
@@ -33,15 +52,17 @@ def hf_nll(model, ids, labels):
     return out.loss.item() * n, n
 
 
-@pytest.mark.parametrize("packing", ["documents", "stream"])
-def test_blocks_equal_plain_hf_and_do_not_depend_on_ranks(model_dir, demo_dataset, packing):
+@pytest.mark.parametrize("family, packing", [("opt", "documents"), ("opt", "stream"),
+                                             ("gpt2", "documents"), ("llama", "documents")])
+def test_blocks_equal_plain_hf_and_do_not_depend_on_ranks(family_dirs, demo_dataset, family,
+                                                          packing):
     """documents: each document piece run alone through plain transformers (positions from 0);
     stream: each block whole. Either way, as ptlm eval scores them, on 1 and 3 "ranks"."""
     from transformers import AutoModelForCausalLM
 
     from tests.matrix_reference import block_pieces, pieces_nll
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(family_dirs[family]).eval()
     ds = PackedDataset(demo_dataset, "val", packing=packing)
     nll = n = 0
     with torch.no_grad():
