@@ -141,12 +141,38 @@ def score_documents_alone(model, val: PackedDataset, eos: int) -> float:
     return nll / n
 
 
+def paired_throughput(family: str, data: PackedDataset, vocab: int, rounds: int) -> dict:
+    """Training tokens/s of each way measured in alternation (stream, documents, stream, ...) on
+    one model, so a machine's varying load hits both alike: the median per way."""
+    model = build(family, vocab, 0)
+    steps = {False: LossModule(model, chunked=True), True: LossModule(
+        model, chunked=True, mechanism=packing_mechanism(model.config, "sdpa"))}
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    model.train()
+    times = {False: [], True: []}
+    for r in range(rounds + 1):  # round 0 warms up
+        for documents in (False, True):
+            batch = data.blocks_of(np.arange(r * BATCH, (r + 1) * BATCH) % len(data))
+            t0 = time.perf_counter()
+            loss, _, _ = steps[documents](batch.input_ids, None,
+                                          batch.positions if documents else None)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if r:
+                times[documents].append(time.perf_counter() - t0)
+    return {("documents" if d else "stream"): BATCH * SEQ / float(np.median(t))
+            for d, t in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--families", default="llama,opt")
     ap.add_argument("--seeds", default="0,1", help="init and data order; each seed trains both ways")
     ap.add_argument("--unit", choices=("sentences", "paragraphs"), default="sentences")
+    ap.add_argument("--throughput-only", type=int, metavar="ROUNDS", default=None,
+                    help="only the paired throughput: ROUNDS steps of each way, alternating")
     args = ap.parse_args()
     torch.set_num_threads(2)
     seeds = [int(x) for x in args.seeds.split(",")]
@@ -164,6 +190,15 @@ def main() -> None:
               f"{int(np.median(lengths))} tokens, {np.mean(lengths < SEQ):.0%} shorter than a "
               f"block; packed at seq {SEQ}: {len(train_ds)} train blocks, "
               f"{lengths.size / len(train_ds):.1f} documents per block")
+        if args.throughput_only:
+            print("| model | stream tokens/s | documents tokens/s | documents / stream |")
+            print("|---|---|---|---|")
+            for family in args.families.split(","):
+                tps = paired_throughput(family, train_ds, manifest["tokenizer"]["vocab_size"],
+                                        args.throughput_only)
+                print(f"| {family} | {tps['stream']:,.0f} | {tps['documents']:,.0f} | "
+                      f"{tps['documents'] / tps['stream']:.2f} |", flush=True)
+            return
         print(f"Training: {args.steps} steps x {BATCH} blocks ({args.steps * BATCH * SEQ:,} "
               f"tokens), AdamW lr {LR}, fp32, CPU; val: {VAL_DOCS_SCORED} documents scored "
               f"alone; seeds {args.seeds}\n")
