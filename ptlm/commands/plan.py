@@ -47,8 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--verify", action="store_true",
                      help="run one real training step of the chosen setting under FakeTensorMode "
                           "(no GPU, no compute) and print its measured peak beside the prediction")
-    out.add_argument("--lr", type=float, default=5e-5, help="learning rate in the written config")
-    out.add_argument("--weight-decay", type=float, default=0.0)
+    out.add_argument("--lr", type=float, default=OptimizerHyper.lr,
+                     help="learning rate in the written config (default: %(default)g, ptlm train's)")
+    out.add_argument("--weight-decay", type=float, default=OptimizerHyper.weight_decay,
+                     help="AdamW weight decay in the written config (default: %(default)g)")
 
 
 def run(args: argparse.Namespace) -> int:

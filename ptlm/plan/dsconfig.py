@@ -55,10 +55,15 @@ PLAN_REQUIRED_EXTRAS = ("optimizer", "zero_allow_untested_optimizer")
 
 @dataclass(frozen=True)
 class OptimizerHyper:
-    lr: float = 5e-5
-    betas: tuple[float, float] = (0.9, 0.999)
+    """The optimizer's hyper-parameters. Its defaults are the one source of every default:
+    `ptlm train`'s (ptlm.run.config.Optimization), `ptlm plan --lr/--weight-decay`, the probe's,
+    and ptlm.model.optim.build_optimizer's. Betas (0.9, 0.95) and weight decay 0.1 are the usual
+    LLM (pre)training values (GPT-3, Llama, nanoGPT), 1.0 the usual clipping norm."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
-    weight_decay: float = 0.0
+    weight_decay: float = 0.1
     gradient_clipping: float = 1.0
 
 
