@@ -1042,17 +1042,18 @@ class Check:
         try:
             from ptlm.model.config import model_facts
             from ptlm.plan.facts import lookup_gpu
-            from ptlm.plan.planner import flops_per_token
+            from ptlm.plan.mfu import flops_per_token, mfu, peak_flops
 
             fpt = flops_per_token(model_facts(s.small), s.seq)
             spec = lookup_gpu(self.device.get("device") or "", self.device.get("total_memory"))
-            peak = spec.peak_tflops * 1e12 if spec and not s.rehearse else None
+            peak = (peak_flops(precision, spec.peak_tflops, spec.fp32_tflops)
+                    if spec and not s.rehearse else None)
             rec["flops_per_token"] = fpt
             rec["peak_flops"] = peak
-            rec["peak_source"] = f"ptlm.plan.facts {spec.name} dense bf16" if peak else None
+            rec["peak_source"] = f"ptlm.plan.facts {spec.name} {precision}" if peak else None
             for who in ("ptlm", "hf_trainer"):
                 tps = rec[who].get("tokens_per_s")
-                rec[who]["mfu"] = tps * fpt / peak if tps and peak else None
+                rec[who]["mfu"] = mfu(tps, fpt, peak, 1) if tps and peak else None
         except Exception as e:  # noqa: BLE001
             rec["mfu_error"] = f"{type(e).__name__}: {e}"
         micro = (rec.get("setting") or {}).get("micro_batch", 16)

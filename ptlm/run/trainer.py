@@ -21,7 +21,7 @@ from torch import nn
 
 from ptlm.data.reader import PackedDataset, PackedLoader
 from ptlm.errors import PtlmError
-from ptlm.plan.planner import flops_per_token
+from ptlm.plan.mfu import flops_per_token, mfu, peak_flops
 from ptlm.run import changed, checkpoint, faults, lock, report
 from ptlm.run import setup as runsetup
 from ptlm.run.config import RunConfig
@@ -195,10 +195,7 @@ def setup(cfg: RunConfig) -> Run:
     barrier()
     facts = p.model
     hw = p.hardware
-    peak = None
-    if gpu:
-        tflops = hw.fp32_tflops if setting.precision == "fp32" else hw.peak_tflops
-        peak = tflops * 1e12
+    peak = peak_flops(setting.precision, hw.peak_tflops, hw.fp32_tflops) if gpu else None
     return Run(cfg=cfg, dist=dist, engine=engine, model=model, loader=loader, val=val, plan=p,
                total_steps=steps, metrics=report.MetricsLog(cfg.out, dist.is_main),
                state=RunState(micro_batch=setting.micro_batch), resume_from=resume_from,
@@ -638,11 +635,11 @@ def log_step(run: Run, loss: float, seconds: float, bar) -> None:
     lr = run.engine.get_lr()[0]
     # ZeRO-0: ptlm's own (fp16's wrapper reports the norm still times the loss scale)
     norm = run.state_grad_norm if run.plan.setting.zero == 0 else run.engine.get_global_grad_norm()
-    mfu = (tps * run.flops_per_token / (run.dist.world_size * run.peak_flops)
-           if run.peak_flops else None)
+    utilization = (mfu(tps, run.flops_per_token, run.peak_flops, run.dist.world_size)
+                   if run.peak_flops else None)
     record = {"kind": "train", "step": s.step, "epoch": run.loader.epoch, "loss": loss,
               "lr": lr, "grad_norm": None if norm is None else float(norm),
-              "tokens_per_s": tps, "mfu": mfu, "peak_mem_bytes": peak_memory_bytes(),
+              "tokens_per_s": tps, "mfu": utilization, "peak_mem_bytes": peak_memory_bytes(),
               "micro_batch": s.micro_batch, "tokens": s.tokens}
     if s.step % run.cfg.log_every == 0 or s.step == run.total_steps:
         run.metrics.write(record)
