@@ -269,11 +269,21 @@ def evaluate(model: ModelFacts, hw: HardwareFacts, job: Job, setting: Setting,
         problem = _fit_problem(model, hw, job, smallest)
         return Rejected(smallest, problem, mem.needed_bytes, mem.host_total)
     if fixed_micro:
-        micro = setting.micro_batch
-        accum, global_batch = _accumulation(job, hw.world, micro)
-    else:
-        micro, accum, global_batch = _split_batch(job, hw.world, largest)
-    chosen = setting.with_(micro_batch=micro)
+        return at_micro_batch(model, hw, job, setting)
+    micro, accum, global_batch = _split_batch(job, hw.world, largest)
+    return _candidate(model, hw, job, setting.with_(micro_batch=micro), accum, global_batch)
+
+
+def at_micro_batch(model: ModelFacts, hw: HardwareFacts, job: Job, setting: Setting) -> Candidate:
+    """The candidate for `setting` at its own micro-batch, accumulation making up the job's global
+    batch, whether or not the memory model says it fits: evaluate's figures for a fixed
+    micro-batch, also for one a run chose by measuring (an out-of-memory back-off)."""
+    accum, global_batch = _accumulation(job, hw.world, setting.micro_batch)
+    return _candidate(model, hw, job, setting, accum, global_batch)
+
+
+def _candidate(model: ModelFacts, hw: HardwareFacts, job: Job, chosen: Setting, accum: int,
+               global_batch: int) -> Candidate:
     step = step_seconds(model, hw, job, chosen, accum)
     tokens = global_batch * job.seq_len
     return Candidate(chosen, accum, global_batch, estimate(model, hw, job, chosen),

@@ -22,6 +22,7 @@ from torch import nn
 from ptlm.data.reader import PackedDataset, PackedLoader
 from ptlm.errors import PtlmError
 from ptlm.plan.mfu import flops_per_token, mfu, peak_flops
+from ptlm.plan.planner import at_micro_batch
 from ptlm.run import changed, checkpoint, faults, lock, report
 from ptlm.run import setup as runsetup
 from ptlm.run.config import RunConfig
@@ -586,15 +587,20 @@ def _release_zero3(run: Run) -> None:
 
 
 def plan_with_micro_batch(p, micro: int):
-    """The plan at another micro-batch, the same global batch (accumulation makes it up)."""
+    """The plan at another micro-batch, the same global batch (accumulation makes it up), its
+    memory and tokens/s evaluated again by the planner for that micro-batch (the plan a
+    checkpoint saves)."""
     from dataclasses import replace
 
     per_rank = p.global_batch // p.hardware.world
     if per_rank % micro:
         raise PtlmError(f"micro-batch {micro} does not divide the {per_rank} sequences per rank")
-    chosen = replace(p.chosen, setting=p.setting.with_(micro_batch=micro),
-                     grad_accum=per_rank // micro)
-    return replace(p, chosen=chosen)
+    job = replace(p.job, global_batch=p.global_batch)  # the global batch trained, not the asked
+    chosen = at_micro_batch(p.model, p.hardware, job, p.setting.with_(micro_batch=micro))
+    note = (f"micro-batch {micro} (planned {p.micro_batch}) was set by the run: an "
+            "out-of-memory back-off, or the resumed checkpoint's")
+    return replace(p, chosen=chosen, notes=[*p.notes, note] if micro != p.micro_batch
+                   else list(p.notes))
 
 
 def _use_micro_batch(run: Run, micro: int, restore) -> None:
