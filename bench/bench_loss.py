@@ -26,8 +26,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 from transformers import OPTConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # ptlm, bench.* of this checkout
+from bench.common import machine  # noqa: E402
 
 from ptlm.model.loss import IGNORE_INDEX, lm_head_loss  # noqa: E402
 from ptlm.plan.setting import PLAIN_HF, Setting  # noqa: E402

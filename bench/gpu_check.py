@@ -17,7 +17,7 @@ with a note):
               under the same cap. Predicted vs max_memory_allocated / max_memory_reserved. The
               training is checked, not only its memory: real text (ptlm's Portuguese sample), and
               each step's loss against an fp32 plain-PyTorch run of the same initial weights,
-              data order and seed on the same device (tests/matrix_reference.py), within the CPU
+              data order and seed on the same device (bench/matrix_reference.py), within the CPU
               setting matrix's fp16 tolerance; steps DeepSpeed skipped on an fp16 overflow are
               skipped by the reference too. A wrong fp16 step (gradients 65,536x too small, as
               before the loss-scale fix) trails it far beyond that (tests/test_gpu_check.py).
@@ -314,12 +314,12 @@ def child_init(argv: list[str]) -> None:
 
 def child_reference(argv: list[str]) -> None:
     """`_reference INIT DATA GLOBAL_BATCH STEPS LR SKIP`: the fp32 reference of the headline's run,
-    plain PyTorch + transformers on this device (tests/matrix_reference.py: the documented data
+    plain PyTorch + transformers on this device (bench/matrix_reference.py: the documented data
     order, HF's own loss, torch AdamW, transformers' schedule); SKIP: comma-separated steps whose
     update DeepSpeed skipped on an fp16 overflow ("" for none). Prints one JSON line."""
     import torch
 
-    from tests.matrix_reference import Recipe, reference_run
+    from bench.matrix_reference import Recipe, reference_run
 
     init, data, gb, steps, lr = argv[0], argv[1], int(argv[2]), int(argv[3]), float(argv[4])
     skip = tuple(int(x) for x in argv[5].split(",") if x)
@@ -1172,8 +1172,8 @@ def skipped_steps(log_text: str) -> list[int]:
 
 def matrix_tolerance(precision: str) -> tuple[float, str]:
     """The largest per-step |loss - fp32 reference| the CPU setting matrix allows for a precision
-    (tests/matrix_reference.py), and what its measured rows (docs/matrix_rows.json) reached."""
-    from tests.matrix_reference import LOSS_TOLERANCE
+    (bench/matrix_reference.py), and what its measured rows (docs/matrix_rows.json) reached."""
+    from bench.matrix_reference import LOSS_TOLERANCE
 
     tolerance = LOSS_TOLERANCE[precision]
     try:

@@ -17,8 +17,8 @@ from ptlm.errors import PtlmError
 from ptlm.plan import probe_cache
 from ptlm.plan.dsconfig import OptimizerHyper
 from ptlm.run.distributed import free_port, shutdown
-from tests.conftest import ROOT
-from tests.test_trainer import losses, tiny_model, train
+from tests.support import ROOT
+from tests.support import losses, tiny_model, train
 
 PADDED_VOCAB = 1032  # the demo data's tokenizer has 1024 ids: a padded table, as OPT's 50,272
 
@@ -300,7 +300,7 @@ DEEPSPEED_BACKWARDS = ("installed", "inline", "wrapper")
 
 def fp16_env() -> dict:
     """A test process's environment for fp16 on this CPU (see tests/cpu_fp16/sitecustomize.py)."""
-    from tests.matrix_reference import cpu_fp16_supported
+    from bench.matrix_reference import cpu_fp16_supported
 
     path = str(ROOT) if cpu_fp16_supported() else os.pathsep.join(
         [str(ROOT / "tests" / "cpu_fp16"), str(ROOT)])

@@ -9,7 +9,7 @@ import torch
 
 from ptlm.data.reader import PackedDataset
 from ptlm.run.evaluate import evaluate_blocks, evaluate_text, model_forward
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 
 @pytest.fixture(scope="module")

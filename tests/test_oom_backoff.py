@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 
 from ptlm.run import faults
-from tests import matrix_reference as mx
-from tests.test_trainer import losses, records
-from tests.test_trainer import train as train_run
+from bench import matrix_reference as mx
+from tests.support import losses, records
+from tests.support import train as train_run
 
 COMMON = ["--global-batch", 8, "--max-steps", 6, "--no-export"]
 OOM_AT = "3:2:backward"  # optimizer step 3, second micro-step, mid-backward
