@@ -1,5 +1,5 @@
-"""Memory model accuracy: ptlm.memory's predicted peak vs a real training step of ptlm's loop
-measured under FakeTensorMode + MemTracker (ptlm.memtrace), on OPT-125M and GPT-2 124M configs,
+"""Memory model accuracy: ptlm.plan.memory's predicted peak vs a real training step of ptlm's loop
+measured under FakeTensorMode + MemTracker (ptlm.run.memtrace), on OPT-125M and GPT-2 124M configs,
 over a grid of settings; plus the headline (plain HF vs ptlm's T4 plan).
 
     python bench/bench_memory.py            # ~3 min on 2 cores; prints markdown tables

@@ -1,4 +1,4 @@
-"""ptlm.loss: the chunked LM-head + cross-entropy equals the HF loss, in value and gradients."""
+"""ptlm.model.loss: the chunked LM-head + cross-entropy equals the HF loss, in value and gradients."""
 
 from __future__ import annotations
 

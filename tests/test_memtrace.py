@@ -1,4 +1,4 @@
-"""ptlm.memtrace: FakeTensorMode step measurements, cross-checked against real execution."""
+"""ptlm.run.memtrace: FakeTensorMode step measurements, cross-checked against real execution."""
 
 from __future__ import annotations
 

@@ -105,7 +105,7 @@ def add_hardware_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def hardware_from_args(args: argparse.Namespace) -> HardwareFacts:
-    """--gpu / --gpus / --gpu-memory, else this machine's GPUs (ptlm.hardware.detect)."""
+    """--gpu / --gpus / --gpu-memory, else this machine's GPUs (ptlm.run.hardware.detect)."""
     for flag, value, what in (("--gpus", args.gpus, "GPUs per node"), ("--nodes", args.nodes,
                                                                       "nodes")):
         if value is not None and value < 1:

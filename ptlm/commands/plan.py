@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def verify(model_spec: str, p: Plan) -> dict:
-    """Measure the chosen setting's step under FakeTensorMode + MemTracker (ptlm.memtrace)."""
+    """Measure the chosen setting's step under FakeTensorMode + MemTracker (ptlm.run.memtrace)."""
     from ptlm.run.memtrace import measure_step  # torch: only with --verify
 
     setting = p.setting
