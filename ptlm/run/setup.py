@@ -9,7 +9,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -143,14 +143,8 @@ def hardware(world_size: int) -> HardwareFacts:
     its memory split across the local ranks; bf16 as DeepSpeed's CPU accelerator says (ptlm
     still trains fp32 on CPU unless --precision bf16/fp16 is forced, see plan_for)."""
     local = local_world_size(world_size)
-    nodes = max(1, world_size // max(local, 1))
-    hw = machine.detect()
-    if hw.gpus_per_node > 0:
-        return replace(hw, gpus_per_node=local, nodes=nodes)
-    host = hw.host_memory_bytes or 0
-    return HardwareFacts(gpu_name="cpu", gpu_memory_bytes=max(host // max(local, 1), 1),
-                         gpus_per_node=local, nodes=nodes, host_memory_bytes=host,
-                         bf16=_accelerator_bf16(), device_type="cpu")
+    return machine.facts(gpus=local, nodes=max(1, world_size // max(local, 1)),
+                         cpu_bf16=_accelerator_bf16)
 
 
 def _accelerator_bf16() -> bool:
