@@ -13,7 +13,7 @@ already in it are skipped, and the docs table is written from every row the file
 Each setting: a tiny OPT saved with save_pretrained (every run starts from the same weights),
 8 optimizer steps of global batch 8, killed (SIGKILL) after step 6 with a checkpoint at step 4,
 resumed with --resume auto; every loss compared with a plain single-process PyTorch reference
-(tests/matrix_reference.py: same blocks in the same order, same init, torch AdamW or bitsandbytes
+(bench/matrix_reference.py: same blocks in the same order, same init, torch AdamW or bitsandbytes
 AdamW8bit, same schedule, clipping and weight-decay groups, no DeepSpeed); the steps the resumed
 run redid compared with the killed run's; the export reloaded by plain transformers against the
 run's final val perplexity. Writes the table to docs/benchmarks.md: section "Setting matrix
@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from tests import matrix_reference as mx  # noqa: E402
+from bench import matrix_reference as mx  # noqa: E402
 
 SECTION = "## Setting matrix (CPU, 2 ranks)"  # the pairwise subset (and --only)
 FULL_SECTION = "## Setting matrix, the full product (CPU, 2 ranks)"  # all, or --rows chunks
@@ -91,7 +91,7 @@ def write_docs(rows: list[dict], which: str, wall: float) -> None:
             f"{mx.GLOBAL_BATCH}, {mx.STEPS} steps, killed after step {mx.KILL_AFTER} (checkpoint "
             f"at {mx.SAVE_EVERY}) and resumed. Max loss dev: the largest |loss − reference| over "
             f"the {mx.STEPS} steps against the plain single-process PyTorch reference "
-            f"(tests/matrix_reference.py); tolerance per precision: "
+            f"(bench/matrix_reference.py); tolerance per precision: "
             + ", ".join(f"{k} {v:.0e}" for k, v in mx.LOSS_TOLERANCE.items())
             + f" (adamw8bit under ZeRO-1/2: {mx.ADAMW8BIT_ZERO_TOLERANCE:.0e}, its quantization "
             f"blocks follow DeepSpeed's flat partitions). Resume ok: the resumed run redid steps "

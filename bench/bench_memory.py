@@ -1,5 +1,5 @@
-"""Memory model accuracy: ptlm.memory's predicted peak vs a real training step of ptlm's loop
-measured under FakeTensorMode + MemTracker (ptlm.memtrace), on OPT-125M and GPT-2 124M configs,
+"""Memory model accuracy: ptlm.plan.memory's predicted peak vs a real training step of ptlm's loop
+measured under FakeTensorMode + MemTracker (ptlm.run.memtrace), on OPT-125M and GPT-2 124M configs,
 over a grid of settings; plus the headline (plain HF vs ptlm's T4 plan).
 
     python bench/bench_memory.py            # ~3 min on 2 cores; prints markdown tables
@@ -14,8 +14,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # ptlm, bench.* of this checkout
 
 from ptlm.plan.setting import Setting  # noqa: E402
 
@@ -88,7 +87,7 @@ def published_config(name: str):
 
 def families() -> None:
     """Predicted (measured facts) vs measured peak for today's small models, and the T4 plan."""
-    from common import machine
+    from bench.common import machine
 
     from ptlm.model.profile import facts_for
     from ptlm.plan.facts import KNOWN_GPUS, HardwareFacts
@@ -162,7 +161,7 @@ def headline() -> list[str]:
 
 
 def main() -> None:
-    from common import machine
+    from bench.common import machine
 
     print(f"Machine: {machine()}; date {date.today()}; FakeTensorMode + MemTracker\n")
     print("| model | seq | setting | predicted GiB | measured GiB | error |")

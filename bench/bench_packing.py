@@ -31,10 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # ptlm, bench.* of this checkout
 
-from common import SHARED, machine  # noqa: E402
+from bench.common import SHARED, machine  # noqa: E402
 
 from ptlm.data.prepare import PrepareConfig, prepare  # noqa: E402
 from ptlm.data.reader import PackedDataset  # noqa: E402

@@ -22,8 +22,8 @@ import tempfile
 from datetime import date
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, SHARED, machine, run_measured  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # ptlm, bench.* of this checkout
+from bench.common import ROOT, SHARED, machine, run_measured  # noqa: E402
 
 TOKENIZER_ALONE = r"""
 import json, sys, time

@@ -15,9 +15,9 @@ import time
 from datetime import date
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_prepare import HF_RECIPE  # noqa: E402
-from common import ROOT, SHARED, machine  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # ptlm, bench.* of this checkout
+from bench.bench_prepare import HF_RECIPE  # noqa: E402
+from bench.common import ROOT, SHARED, machine  # noqa: E402
 
 MIN_SECONDS = 3.0  # iterate whole epochs until at least this long
 

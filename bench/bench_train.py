@@ -20,9 +20,8 @@ import tempfile
 from datetime import date
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import ROOT, SHARED, machine, run_measured  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # ptlm, bench.* of this checkout
+from bench.common import ROOT, SHARED, machine, run_measured  # noqa: E402
 
 from ptlm.run.distributed import free_port  # noqa: E402
 

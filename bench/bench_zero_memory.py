@@ -23,7 +23,7 @@ How it measures (no code or constants shared with the memory model):
   address is reused: at ZeRO-3 and with offload the worst rank varies by up to ~50 MiB between
   runs of the default model. Python's cyclic garbage is collected before each step (gc.collect),
   so reference cycles do not make the peak wander.
-  Shared with ptlm on purpose: the DeepSpeed config (ptlm.plan.dsconfig.build_ds_config of a
+  Shared with ptlm on purpose: the DeepSpeed config (ptlm.plan.dsconfig.engine_config of a
   plan with every knob forced, so bucket sizes are the ones ptlm writes), the model loader, the
   optimizer builder and LossModule -- what ptlm runs is what is measured.
 Attribution: at the start of the last step the script walks the engine (module parameters and
@@ -176,13 +176,11 @@ def measure_setting(name: str, args, rank: int) -> dict:
     from ptlm.model.load import load_model
     from ptlm.model.forward import LossModule
     from ptlm.model.optim import build_optimizer
-    from ptlm.plan.dsconfig import build_ds_config
+    from ptlm.plan.dsconfig import engine_config
 
     zero, offload = SETTINGS[name]
     p = _plan(args, zero, offload)
-    ds_config = build_ds_config(p)
-    ds_config.pop("optimizer")
-    ds_config["zero_allow_untested_optimizer"] = True
+    ds_config = engine_config(p)  # ptlm's engine's config (its "optimizer" unused: a client one)
     config = _model_config(args)
     torch.manual_seed(0)
     ids = [torch.randint(0, args.vocab, (args.micro_batch, args.seq)) for _ in range(args.steps)]

@@ -3,10 +3,10 @@
     python bench/decision_table.py [--seq-len 1024]
     python bench/decision_table.py --calibration      # memory model vs measurements (~2 min)
 
-Pure planning (ptlm.plan.plan): no GPU is needed and nothing runs. Host RAM per machine is an
-assumption stated in the table (typical cloud shapes), since offload plans depend on it.
---calibration compares ptlm.memory.estimate with the reference figures and with ptlm.memtrace
-(a real step of ptlm's loop under FakeTensorMode + MemTracker, on CPU).
+Pure planning (ptlm.plan.planner.plan): no GPU is needed and nothing runs. Host RAM per machine is
+an assumption stated in the table (typical cloud shapes), since offload plans depend on it.
+--calibration compares ptlm.plan.memory.estimate with the reference figures and with
+ptlm.run.memtrace (a real step of ptlm's loop under FakeTensorMode + MemTracker, on CPU).
 """
 
 from __future__ import annotations

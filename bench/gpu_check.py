@@ -17,7 +17,7 @@ with a note):
               under the same cap. Predicted vs max_memory_allocated / max_memory_reserved. The
               training is checked, not only its memory: real text (ptlm's Portuguese sample), and
               each step's loss against an fp32 plain-PyTorch run of the same initial weights,
-              data order and seed on the same device (tests/matrix_reference.py), within the CPU
+              data order and seed on the same device (bench/matrix_reference.py), within the CPU
               setting matrix's fp16 tolerance; steps DeepSpeed skipped on an fp16 overflow are
               skipped by the reference too. A wrong fp16 step (gradients 65,536x too small, as
               before the loss-scale fix) trails it far beyond that (tests/test_gpu_check.py).
@@ -314,12 +314,12 @@ def child_init(argv: list[str]) -> None:
 
 def child_reference(argv: list[str]) -> None:
     """`_reference INIT DATA GLOBAL_BATCH STEPS LR SKIP`: the fp32 reference of the headline's run,
-    plain PyTorch + transformers on this device (tests/matrix_reference.py: the documented data
+    plain PyTorch + transformers on this device (bench/matrix_reference.py: the documented data
     order, HF's own loss, torch AdamW, transformers' schedule); SKIP: comma-separated steps whose
     update DeepSpeed skipped on an fp16 overflow ("" for none). Prints one JSON line."""
     import torch
 
-    from tests.matrix_reference import Recipe, reference_run
+    from bench.matrix_reference import Recipe, reference_run
 
     init, data, gb, steps, lr = argv[0], argv[1], int(argv[2]), int(argv[3]), float(argv[4])
     skip = tuple(int(x) for x in argv[5].split(",") if x)
@@ -1042,17 +1042,18 @@ class Check:
         try:
             from ptlm.model.config import model_facts
             from ptlm.plan.facts import lookup_gpu
-            from ptlm.plan.planner import flops_per_token
+            from ptlm.plan.mfu import flops_per_token, mfu, peak_flops
 
             fpt = flops_per_token(model_facts(s.small), s.seq)
             spec = lookup_gpu(self.device.get("device") or "", self.device.get("total_memory"))
-            peak = spec.peak_tflops * 1e12 if spec and not s.rehearse else None
+            peak = (peak_flops(precision, spec.peak_tflops, spec.fp32_tflops)
+                    if spec and not s.rehearse else None)
             rec["flops_per_token"] = fpt
             rec["peak_flops"] = peak
-            rec["peak_source"] = f"ptlm.plan.facts {spec.name} dense bf16" if peak else None
+            rec["peak_source"] = f"ptlm.plan.facts {spec.name} {precision}" if peak else None
             for who in ("ptlm", "hf_trainer"):
                 tps = rec[who].get("tokens_per_s")
-                rec[who]["mfu"] = tps * fpt / peak if tps and peak else None
+                rec[who]["mfu"] = mfu(tps, fpt, peak, 1) if tps and peak else None
         except Exception as e:  # noqa: BLE001
             rec["mfu_error"] = f"{type(e).__name__}: {e}"
         micro = (rec.get("setting") or {}).get("micro_batch", 16)
@@ -1171,8 +1172,8 @@ def skipped_steps(log_text: str) -> list[int]:
 
 def matrix_tolerance(precision: str) -> tuple[float, str]:
     """The largest per-step |loss - fp32 reference| the CPU setting matrix allows for a precision
-    (tests/matrix_reference.py), and what its measured rows (docs/matrix_rows.json) reached."""
-    from tests.matrix_reference import LOSS_TOLERANCE
+    (bench/matrix_reference.py), and what its measured rows (docs/matrix_rows.json) reached."""
+    from bench.matrix_reference import LOSS_TOLERANCE
 
     tolerance = LOSS_TOLERANCE[precision]
     try:

@@ -15,9 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("PTLM_SHARED", ROOT.parent / "shared"))
-DEMO_CORPUS = ROOT / "ptlm" / "assets" / "demo_corpus_pt.jsonl"
+from tests.support import DEMO_CORPUS, SHARED  # noqa: E402 - after the environment is set
 
 
 def pytest_addoption(parser):

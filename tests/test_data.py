@@ -164,8 +164,8 @@ def test_training_refuses_a_corrupt_shard_before_step_1(tmp_path, demo_dataset):
     import sys
 
     from ptlm.data.shards import read_manifest
-    from tests.conftest import ROOT
-    from tests.test_trainer import tiny_model
+    from tests.support import ROOT
+    from tests.support import tiny_model
 
     data = tmp_path / "data"
     shutil.copytree(demo_dataset, data)

@@ -15,9 +15,10 @@ import torch
 
 from ptlm.errors import PtlmError
 from ptlm.plan import probe_cache
+from ptlm.plan.dsconfig import OptimizerHyper
 from ptlm.run.distributed import free_port, shutdown
-from tests.conftest import ROOT
-from tests.test_trainer import losses, tiny_model, train
+from tests.support import ROOT
+from tests.support import losses, tiny_model, train
 
 PADDED_VOCAB = 1032  # the demo data's tokenizer has 1024 ids: a padded table, as OPT's 50,272
 
@@ -177,13 +178,48 @@ def test_the_probe_builds_the_engine_training_builds(tmp_path, demo_dataset, wei
     assert r.returncode == 0, r.stderr[-3000:]
     (entry,) = json.loads((tmp_path / "cache" / "probe.json").read_text()).values()
     trained = json.loads((zero3_decay / "engine.json").read_text())
-    assert entry["engine"]["ds_config"] == json.loads((zero3_decay / "ds_config.json").read_text())
+    # The DeepSpeed config carries the optimizer's hyper-parameters (its "optimizer" block, which
+    # ptlm builds its optimizer from); the probe has no optimizer flags and uses the defaults
+    # (they change no memory), the run --lr 3e-3 --weight-decay 0.5. Everything else is one.
+    probed_params = entry["engine"]["ds_config"]["optimizer"].pop("params")
+    trained_params = trained["ds_config"]["optimizer"].pop("params")
+    assert probed_params["lr"] == OptimizerHyper().lr and trained_params["lr"] == 3e-3
+    written = json.loads((zero3_decay / "ds_config.json").read_text())
+    written["optimizer"].pop("params")
+    assert entry["engine"]["ds_config"] == written
     assert entry["engine"] == trained
     from transformers import AutoModelForCausalLM
 
     plain = AutoModelForCausalLM.from_pretrained(weights)  # plain HF, whole, on one process
     assert trained["parameters"] == sum(p.numel() for p in plain.parameters())
     assert trained["embedding_rows"] == PADDED_VOCAB
+
+
+# ------------------------------------------------------------------ one DeepSpeed config
+
+def test_the_written_deepspeed_config_is_the_one_the_engine_is_built_with(tmp_path,
+                                                                           demo_dataset):
+    """`ptlm plan --write-ds-config` writes the config a run with that plan (and the same
+    optimizer flags) builds its DeepSpeed engine with: its ds_config.json and engine.json's."""
+    model = tiny_model(tmp_path / "m")
+    plan_file, written = tmp_path / "plan.json", tmp_path / "ds.json"
+    r = subprocess.run([sys.executable, "-m", "ptlm", "plan", "--model", str(model), "--seq-len",
+                        "64", "--global-batch", "8", "--gpus", "1", "--gpu-memory", "16GiB",
+                        "--host-memory", "64GiB", "--precision", "fp32", "--zero", "2",
+                        "--micro-batch", "4", "--lr", "3e-3", "--weight-decay", "0.05",
+                        "--write-ds-config", str(written), "--json"],
+                       cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    plan_file.write_text(r.stdout)
+    out = tmp_path / "run"
+    train(demo_dataset, out, model, "--plan", plan_file, "--weight-decay", 0.05, "--max-steps", 1,
+          "--eval-max-blocks", 1, "--no-export")  # betas, eps, clipping: both sides' defaults
+    config = json.loads(written.read_text())
+    assert config["zero_optimization"]["stage"] == 2
+    assert config["optimizer"]["params"]["lr"] == 3e-3
+    assert json.loads((out / "ds_config.json").read_text()) == config
+    assert json.loads((out / "engine.json").read_text())["ds_config"] == config
 
 
 # ------------------------------------------------------------------ fp16 at ZeRO-0: the loss scale
@@ -264,7 +300,7 @@ DEEPSPEED_BACKWARDS = ("installed", "inline", "wrapper")
 
 def fp16_env() -> dict:
     """A test process's environment for fp16 on this CPU (see tests/cpu_fp16/sitecustomize.py)."""
-    from tests.matrix_reference import cpu_fp16_supported
+    from bench.matrix_reference import cpu_fp16_supported
 
     path = str(ROOT) if cpu_fp16_supported() else os.pathsep.join(
         [str(ROOT / "tests" / "cpu_fp16"), str(ROOT)])

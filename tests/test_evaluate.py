@@ -9,7 +9,7 @@ import torch
 
 from ptlm.data.reader import PackedDataset
 from ptlm.run.evaluate import evaluate_blocks, evaluate_text, model_forward
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 
 def _saved(folder, config, demo_dataset):
@@ -60,7 +60,7 @@ def test_blocks_equal_plain_hf_and_do_not_depend_on_ranks(family_dirs, demo_data
     stream: each block whole. Either way, as ptlm eval scores them, on 1 and 3 "ranks"."""
     from transformers import AutoModelForCausalLM
 
-    from tests.matrix_reference import block_pieces, pieces_nll
+    from bench.matrix_reference import block_pieces, pieces_nll
 
     model = AutoModelForCausalLM.from_pretrained(family_dirs[family]).eval()
     ds = PackedDataset(demo_dataset, "val", packing=packing)

@@ -1,5 +1,5 @@
 """Training the families of tests/families.py with ptlm on 2 CPU ranks (real DeepSpeed engines),
-against the plain-PyTorch reference of the setting matrix (tests/matrix_reference.py): the same
+against the plain-PyTorch reference of the setting matrix (bench/matrix_reference.py): the same
 saved init, the same data order, fp32. The export reloads in plain transformers with the run's
 val perplexity."""
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from tests.families import FAMILIES
-from tests.matrix_reference import Recipe, hf_val_perplexity, reference_run
-from tests.test_trainer import losses, train
+from bench.matrix_reference import Recipe, hf_val_perplexity, reference_run
+from tests.support import losses, train
 
 STEPS = 6
 GLOBAL_BATCH = 8
@@ -64,7 +64,7 @@ def test_family_resumes_exactly_after_a_kill(family, tmp_path, demo_dataset):
     """Two ranks, ZeRO-2, killed (-9) one step after a checkpoint, resumed: every step's loss as
     in the uninterrupted run (fp32 on CPU: bit for bit)."""
     from ptlm.run import faults
-    from tests.test_trainer import records
+    from tests.support import records
 
     init = saved_init(family, tmp_path / "init")
     common = ["--global-batch", GLOBAL_BATCH, "--micro-batch", 2, "--zero", 2,

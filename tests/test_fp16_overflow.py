@@ -1,7 +1,7 @@
 """fp16 gradient overflow, injected, on 2 CPU ranks at ZeRO-0 (DeepSpeed's fp16 wrapper) and
 ZeRO-2 (a ZeRO optimizer): rank 0 puts an inf into one gradient at steps 2 and 3
 (tests/cpu_fp16/sitecustomize.py, PTLM_TEST_INF_GRAD). What must happen, as the plain-PyTorch
-reference (tests/matrix_reference.py, Recipe.skip_steps) and DeepSpeed's loss-scale rules say:
+reference (bench/matrix_reference.py, Recipe.skip_steps) and DeepSpeed's loss-scale rules say:
 
     every rank skips the update   the weights, the optimizer's state and the LR schedule do not
                                   move; the batch is consumed (the losses follow the reference
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from ptlm.plan.dsconfig import FP16_HYSTERESIS, FP16_INITIAL_SCALE_POWER
-from tests import matrix_reference as mx
+from bench import matrix_reference as mx
 
 OVERFLOW_STEPS = (2, 3)  # two in a row: ZeRO-2's hysteresis absorbs the first
 CHECKPOINT = f"step{mx.SAVE_EVERY:08d}"  # the one the killed run is resumed from

@@ -1,4 +1,4 @@
-"""ptlm.loss: the chunked LM-head + cross-entropy equals the HF loss, in value and gradients."""
+"""ptlm.model.loss: the chunked LM-head + cross-entropy equals the HF loss, in value and gradients."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
-from transformers import GPT2Config, OPTConfig
+from transformers import OPTConfig
 
 from ptlm.errors import PtlmError
 from ptlm.model.load import load_model
@@ -25,6 +26,7 @@ from ptlm.model.loss import (
     check_chunked_loss,
     lm_head_loss,
 )
+from tests import support
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 300
@@ -32,15 +34,9 @@ BATCH, SEQ = 3, 17  # 51 tokens: chunk 7 leaves a remainder, chunk 17 divides, 1
 TOLERANCE = 1e-5  # fp32
 
 
-def tiny_opt() -> OPTConfig:
-    return OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
-                     num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
-                     dropout=0.0)
-
-
-def tiny_gpt2() -> GPT2Config:
-    return GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+tiny_opt = partial(support.tiny_opt, vocab=VOCAB, hidden=32, ffn=64, positions=64, dropout=0.0)
+tiny_gpt2 = partial(support.tiny_gpt2, vocab=VOCAB, hidden=32, positions=64, bos_token_id=0,
+                    eos_token_id=0)
 
 
 def batch(ignored: bool):

@@ -1,7 +1,7 @@
 """The setting matrix, trained for real: DeepSpeed's CPU accelerator, 2 gloo ranks, every value of
 every axis the planner can return (precision, ZeRO stage, offload, checkpointing, optimizer,
 chunked loss, accumulation). Each setting starts from the same saved model, runs 8 steps that
-must match a plain single-process PyTorch reference (tests/matrix_reference.py), is SIGKILLed
+must match a plain single-process PyTorch reference (bench/matrix_reference.py), is SIGKILLed
 after step 6 and resumed from its step-4 checkpoint (steps 5-6 redone bit for bit), and exports
 a model that plain transformers reloads with the run's own val perplexity.
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests import matrix_reference as mx
+from bench import matrix_reference as mx
 
 
 @pytest.fixture(scope="module")

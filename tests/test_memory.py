@@ -221,7 +221,7 @@ def test_job_errors_say_the_fix(kwargs, match):
         Job(**kwargs)
 
 
-# --- against ptlm.memtrace (a real step of ptlm's loop under FakeTensorMode) -------------------
+# --- against ptlm.run.memtrace (a real step of ptlm's loop under FakeTensorMode) ---------------
 
 def small_opt(**overrides):
     # dropout 0: on CPU torch saves dropout masks in the input dtype, on CUDA as 1-byte bools

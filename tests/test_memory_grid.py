@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 
 def grid():

@@ -17,7 +17,7 @@ from ptlm.plan import memory
 from ptlm.plan.facts import HardwareFacts, ModelFacts
 from ptlm.plan.memory import Job, estimate
 from ptlm.plan.setting import Setting
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 TOLERANCE = 0.10
 SMALL = dict(layers=2, hidden=256, vocab=8192, seq=128, micro_batch=2, precision="bf16",

@@ -1,4 +1,4 @@
-"""ptlm.memtrace: FakeTensorMode step measurements, cross-checked against real execution."""
+"""ptlm.run.memtrace: FakeTensorMode step measurements, cross-checked against real execution."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, OPTConfig
 from ptlm.errors import PtlmError
 from ptlm.plan.setting import PLAIN_HF, Setting
 from ptlm.run.memtrace import measure_step
+from tests import support
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
@@ -30,10 +32,7 @@ SETTINGS = {
 }
 
 
-def tiny_opt(**overrides) -> OPTConfig:
-    fields = dict(vocab_size=2000, hidden_size=64, ffn_dim=256, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64)
-    return OPTConfig(**{**fields, **overrides})
+tiny_opt = partial(support.tiny_opt, vocab=2000, hidden=64, ffn=256, positions=128)
 
 
 @pytest.mark.parametrize("name", SETTINGS)

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 # A cut of the script's default list that still trains: the model and loss tests, the fp16
 # ZeRO-0 loss-scale test and one setting of the matrix (2 CPU ranks against the reference).

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import partial
 
 import pytest
 import torch
-from transformers import GPT2Config, OPTConfig, PretrainedConfig
+from transformers import GPT2Config, PretrainedConfig
 
 from ptlm.errors import PtlmError
 from ptlm.model.config import max_positions
@@ -17,20 +18,14 @@ from ptlm.model.load import (
     load_model,
     restore_use_cache,
 )
+from tests import support
 
 VOCAB = 512
 
 
-def tiny_opt(**overrides) -> OPTConfig:
-    fields = dict(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
-                  dropout=0.0)
-    return OPTConfig(**{**fields, **overrides})
-
-
-def tiny_gpt2() -> GPT2Config:
-    return GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+tiny_opt = partial(support.tiny_opt, vocab=VOCAB, hidden=32, ffn=64, positions=64, dropout=0.0)
+tiny_gpt2 = partial(support.tiny_gpt2, vocab=VOCAB, hidden=32, positions=64, bos_token_id=0,
+                    eos_token_id=0)
 
 
 @pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16),

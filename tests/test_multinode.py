@@ -32,8 +32,8 @@ import pytest
 
 from ptlm.run import faults
 from ptlm.run.distributed import free_port
-from tests.conftest import ROOT
-from tests.test_trainer import losses, records, tiny_model
+from tests.support import ROOT
+from tests.support import losses, records, tiny_model
 
 STEPS = 6
 SAVE_EVERY = 3

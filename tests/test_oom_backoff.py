@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 
 from ptlm.run import faults
-from tests import matrix_reference as mx
-from tests.test_trainer import losses, records
-from tests.test_trainer import train as train_run
+from bench import matrix_reference as mx
+from tests.support import losses, records
+from tests.support import train as train_run
 
 COMMON = ["--global-batch", 8, "--max-steps", 6, "--no-export"]
 OOM_AT = "3:2:backward"  # optimizer step 3, second micro-step, mid-backward
@@ -72,3 +72,27 @@ def test_oom_in_engine_step_backs_off(tmp_path, demo_dataset, model, halved):
     train(demo_dataset, out, model, *COMMON, "--micro-batch", 2, "--zero", 1, ranks=2,
           env={faults.OOM_ENV: "3:2:step"})
     _check_backed_off(out, halved)
+
+
+def test_the_plan_after_a_micro_batch_change_is_evaluated_at_that_micro_batch():
+    """The plan a backed-off run saves (and resumes with) carries the halved micro-batch's
+    memory and tokens/s, as the planner predicts them for that micro-batch forced, not the
+    planned micro-batch's figures under the new batch split."""
+    from ptlm.model.config import model_facts
+    from ptlm.plan.facts import KNOWN_GPUS, GiB, HardwareFacts
+    from ptlm.plan.memory import Job
+    from ptlm.plan.planner import Plan, plan
+    from ptlm.run.trainer import plan_with_micro_batch
+
+    facts = model_facts("opt-125m")
+    t4 = HardwareFacts.from_spec(KNOWN_GPUS["T4"], 1, host_memory_bytes=64 * GiB)
+    planned = plan(facts, t4, Job(1024, 16))
+    assert (planned.micro_batch, planned.grad_accum) == (8, 2)
+    halved = plan_with_micro_batch(planned, 4)
+    forced = plan(facts, t4, Job(1024, 16), planned.setting.with_(micro_batch=4).to_dict())
+    assert halved.chosen == forced.chosen
+    assert (halved.micro_batch, halved.grad_accum, halved.global_batch) == (4, 4, 16)
+    assert halved.memory.activations < planned.memory.activations
+    assert halved.chosen.tokens_per_s < planned.chosen.tokens_per_s
+    assert "micro-batch 4 (planned 8)" in halved.notes[-1]
+    assert Plan.from_dict(halved.to_dict()).chosen == halved.chosen  # what a checkpoint keeps

@@ -1,4 +1,4 @@
-"""ptlm.optim: param groups and the optimizer each Setting gets."""
+"""ptlm.model.optim: param groups and the optimizer each Setting gets."""
 
 from __future__ import annotations
 

@@ -10,11 +10,11 @@ from ptlm.errors import PtlmError
 from ptlm.model.config import model_facts
 from ptlm.plan.facts import KNOWN_GPUS, GiB, HardwareFacts
 from ptlm.plan.memory import Job, estimate, usable_gpu_bytes
+from ptlm.plan.mfu import flops_per_token
 from ptlm.plan.planner import (
     TIE_TOLERANCE,
     Plan,
     evaluate,
-    flops_per_token,
     plan,
     step_seconds,
 )

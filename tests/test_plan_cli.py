@@ -142,3 +142,28 @@ def test_setting_flags_keep_their_spelling_and_refuse_bad_values():
             parser.parse_args(bad)
     with pytest.raises(PtlmError, match="--micro-batch must be >= 1"):
         forced_from_args(parser.parse_args(["--micro-batch", "0"]))
+
+
+def test_one_hardware_builder_for_the_flags_and_the_run(monkeypatch):
+    """`ptlm plan`'s flags and the run's machine come from one builder (ptlm.run.hardware.facts):
+    the flags give the table's GPU; a run on this GPU-less machine plans for its CPU ranks, the
+    host's memory split across the ranks of a node."""
+    import psutil
+
+    from ptlm.commands.flags import add_hardware_arguments, hardware_from_args
+    from ptlm.plan.facts import KNOWN_GPUS, GiB, HardwareFacts
+    from ptlm.run import setup as runsetup
+
+    parser = argparse.ArgumentParser()
+    add_hardware_arguments(parser)
+    args = parser.parse_args(["--gpu", "T4", "--gpus", "2", "--nodes", "2", "--host-memory",
+                              "64GiB"])
+    assert hardware_from_args(args) == HardwareFacts.from_spec(KNOWN_GPUS["T4"], 2, 2, 64 * GiB)
+    if torch.cuda.is_available():
+        pytest.skip("the CPU-rank facts are for a machine without a GPU")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(runsetup, "_accelerator_bf16", lambda: True)
+    cpu = runsetup.hardware(4)  # 4 ranks, 2 per node
+    host = psutil.virtual_memory().total
+    assert (cpu.gpu_name, cpu.device_type, cpu.gpus_per_node, cpu.nodes) == ("cpu", "cpu", 2, 2)
+    assert cpu.gpu_memory_bytes == host // 2 and cpu.host_memory_bytes == host and cpu.bf16

@@ -11,7 +11,7 @@ from ptlm.data import shards
 from ptlm.data import tokenizer as toks
 from ptlm.data.prepare import PrepareConfig, prepare
 from ptlm.errors import PtlmError
-from tests.conftest import DEMO_CORPUS, ROOT
+from tests.support import DEMO_CORPUS, ROOT
 
 
 def cfg(tmp_path, **kw):

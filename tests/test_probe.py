@@ -9,8 +9,8 @@ from ptlm.errors import PtlmError
 from ptlm.plan import probe_cache
 from ptlm.plan.setting import Setting
 from ptlm.run.distributed import free_port
-from tests.conftest import ROOT
-from tests.test_trainer import tiny_model
+from tests.support import ROOT
+from tests.support import tiny_model
 
 
 class Device:

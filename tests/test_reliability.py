@@ -18,8 +18,8 @@ import pytest
 
 from ptlm.errors import PtlmError
 from ptlm.run import checkpoint, faults, lock
-from tests.conftest import DEMO_CORPUS, ROOT
-from tests.test_trainer import losses, records, tiny_model, train
+from tests.support import DEMO_CORPUS, ROOT
+from tests.support import losses, records, tiny_model, train
 
 COMMON = ["--global-batch", 8, "--micro-batch", 4, "--no-export"]
 

@@ -188,3 +188,28 @@ def test_run_config_round_trips_and_saves_nested(data, tmp_path):
     assert saved["optim"]["lr"] == 0.01 and saved["sched"]["max_steps"] == 7
     assert saved["forced"]["zero"] == 1 and saved["corpus"]["data"] == str(data)
     assert saved["out"] == str(tmp_path)
+
+
+def test_one_default_per_optimizer_hyper_parameter():
+    """The run's defaults (what training uses) are the plan's, the probe's (OptimizerHyper()) and
+    the optimizer builder's: `ptlm plan --write-ds-config` without --lr writes the run's."""
+    import inspect
+
+    from ptlm.commands import plan as plan_cmd
+    from ptlm.model.optim import build_optimizer
+    from ptlm.plan.dsconfig import OptimizerHyper
+
+    run = Optimization()
+    # the values training has always used (GPT-3/Llama-style AdamW), written out here
+    assert (run.lr, run.betas, run.eps, run.weight_decay, run.grad_clip) == \
+        (1e-4, (0.9, 0.95), 1e-8, 0.1, 1.0)
+    hyper = OptimizerHyper()
+    assert (hyper.lr, hyper.betas, hyper.eps, hyper.weight_decay, hyper.gradient_clipping) == \
+        (run.lr, run.betas, run.eps, run.weight_decay, run.grad_clip)
+    parser = argparse.ArgumentParser()
+    plan_cmd.add_arguments(parser)
+    plan_args = parser.parse_args(["--model", "opt-125m", "--seq-len", "64"])
+    assert (plan_args.lr, plan_args.weight_decay) == (run.lr, run.weight_decay)
+    builder = inspect.signature(build_optimizer).parameters
+    assert (builder["betas"].default, builder["eps"].default,
+            builder["weight_decay"].default) == (run.betas, run.eps, run.weight_decay)

@@ -1,5 +1,5 @@
 """Document-aware packing in a real run (ptlm.run with a DeepSpeed engine): the step's loss is
-that of each document piece run alone through plain transformers (tests/matrix_reference.py),
+that of each document piece run alone through plain transformers (bench/matrix_reference.py),
 the way each model takes the documents is recorded, and a resume cannot switch the packing."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from tests.matrix_reference import Recipe, reference_run
-from tests.test_trainer import losses, tiny_model, train
+from bench.matrix_reference import Recipe, reference_run
+from tests.support import losses, tiny_model, train
 
 STEPS = 4
 FP32_TOLERANCE = 2e-4  # the setting matrix's fp32 bound on the loss (docs/benchmarks.md)

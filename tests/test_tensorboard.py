@@ -31,7 +31,7 @@ def test_metrics_log_writes_readable_event_files(tmp_path):
 
 
 def test_a_short_run_writes_readable_event_files(tmp_path, demo_dataset):
-    from tests.test_trainer import records, tiny_model, train
+    from tests.support import records, tiny_model, train
 
     out = tmp_path / "run"
     train(demo_dataset, out, tiny_model(tmp_path / "m"), "--max-steps", 3, "--global-batch", 8,

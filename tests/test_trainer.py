@@ -13,56 +13,11 @@ import sys
 import pytest
 import torch
 
+from bench.matrix_reference import hf_val_perplexity
 from ptlm.errors import PtlmError
 from ptlm.run import faults
 from ptlm.run.distributed import free_port
-from tests.conftest import ROOT
-from tests.matrix_reference import hf_val_perplexity
-
-TINY = dict(hidden=64, layers=2, heads=4, ffn=128, positions=128)
-
-
-def tiny_model(path, arch="opt", dropout=0.0, positions=TINY["positions"]):
-    from transformers import GPT2Config, OPTConfig
-
-    if arch == "opt":
-        cfg = OPTConfig(vocab_size=1024, hidden_size=TINY["hidden"],
-                        num_hidden_layers=TINY["layers"], ffn_dim=TINY["ffn"],
-                        num_attention_heads=TINY["heads"], max_position_embeddings=positions,
-                        word_embed_proj_dim=TINY["hidden"], dropout=dropout,
-                        attention_dropout=0.0)
-    else:
-        cfg = GPT2Config(vocab_size=1024, n_embd=TINY["hidden"], n_layer=TINY["layers"],
-                         n_head=TINY["heads"], n_positions=positions, resid_pdrop=dropout,
-                         embd_pdrop=dropout, attn_pdrop=0.0)
-    cfg.save_pretrained(path)
-    return path
-
-
-def train(data, out, model, *extra, ranks=1, check=True, scratch=True, env=None, port=None):
-    args = ["launch/train.py", "--model", str(model), *(["--from-scratch"] if scratch else []),
-            "--data", str(data), "--out", str(out), "--lr", "3e-3", "--seed", "0",
-            *map(str, extra)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu",
-           "OMP_NUM_THREADS": "1", **(env or {})}
-    if ranks == 1:
-        cmd = [sys.executable, *args]
-    else:
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-               "--master_port", str(port or free_port()), *args]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    if check:
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    return r
-
-
-def records(out, kind):
-    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-            if r["kind"] == kind]
-
-
-def losses(out):
-    return [r["loss"] for r in records(out, "train")]
+from tests.support import ROOT, losses, records, tiny_model, train
 
 
 @pytest.fixture(scope="module")

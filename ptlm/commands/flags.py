@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import typing
-from dataclasses import MISSING, fields, is_dataclass, replace
+from dataclasses import MISSING, fields, is_dataclass
 
 from ptlm.errors import PtlmError
-from ptlm.plan.facts import KNOWN_GPUS, UNKNOWN_GPU, HardwareFacts, lookup_gpu
+from ptlm.plan.facts import KNOWN_GPUS, HardwareFacts, lookup_gpu
 from ptlm.plan.setting import Forced
 from ptlm.run import hardware  # the only module that touches torch.cuda / psutil (lazily)
 from ptlm.run.config import field_type
@@ -105,35 +105,25 @@ def add_hardware_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def hardware_from_args(args: argparse.Namespace) -> HardwareFacts:
-    """--gpu / --gpus / --gpu-memory, else this machine's GPUs (ptlm.hardware.detect)."""
+    """--gpu / --gpus / --gpu-memory, else this machine's GPUs (ptlm.run.hardware.facts)."""
     for flag, value, what in (("--gpus", args.gpus, "GPUs per node"), ("--nodes", args.nodes,
                                                                       "nodes")):
         if value is not None and value < 1:
             raise PtlmError(f"{flag} {value}: nothing to plan for; give {flag} 1 or more ({what}), "
                             "e.g. --gpu T4 --gpus 1")
-    host = _size("--host-memory", args.host_memory) if args.host_memory else \
-        hardware.host_memory_bytes()
+    spec = None
     if args.gpu:
         spec = lookup_gpu(args.gpu)
         if spec is None:
             raise PtlmError(f"unknown GPU {args.gpu!r}: use one of {', '.join(KNOWN_GPUS)}, or "
                             "--gpus N --gpu-memory SIZE")
-        hw = HardwareFacts.from_spec(spec, args.gpus or 1, args.nodes, host)
-    elif args.gpu_memory:
-        spec = replace(UNKNOWN_GPU, name="custom GPU",
-                       memory_bytes=_size("--gpu-memory", args.gpu_memory))
-        hw = HardwareFacts.from_spec(spec, args.gpus or 1, args.nodes, host)
-    else:
-        hw = _replace(hardware.detect(), nodes=args.nodes, host_memory_bytes=host)
-        if hw.gpus_per_node == 0:
-            raise PtlmError("no CUDA GPU detected here: say which GPUs to plan for, e.g. --gpu T4, "
-                            "--gpu A100-80GB --gpus 8, or --gpus 1 --gpu-memory 16GiB")
-        if args.gpus:
-            hw = _replace(hw, gpus_per_node=args.gpus)
-    if args.gpu_memory:
-        hw = _replace(hw, gpu_memory_bytes=_size("--gpu-memory", args.gpu_memory))
-    if args.no_bf16:
-        hw = _replace(hw, bf16=False)
+    hw = hardware.facts(
+        spec, gpus=args.gpus, nodes=args.nodes, no_bf16=args.no_bf16,
+        gpu_memory=_size("--gpu-memory", args.gpu_memory) if args.gpu_memory else None,
+        host_memory=_size("--host-memory", args.host_memory) if args.host_memory else None)
+    if hw.gpus_per_node == 0:
+        raise PtlmError("no CUDA GPU detected here: say which GPUs to plan for, e.g. --gpu T4, "
+                        "--gpu A100-80GB --gpus 8, or --gpus 1 --gpu-memory 16GiB")
     return hw
 
 
@@ -147,9 +137,3 @@ def _size(flag: str, text: str) -> int:
         raise PtlmError(f"{flag} {text}: give a memory size above 0, e.g. {flag} 16GiB "
                         "(or 40GB, 512MiB)")
     return value
-
-
-def _replace(hw: HardwareFacts, **changes) -> HardwareFacts:
-    return HardwareFacts(**{**hw.to_dict(), **changes})
-
-

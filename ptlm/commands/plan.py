@@ -23,7 +23,7 @@ from ptlm.commands.flags import (
 from ptlm.data.documents import DEFAULT_PACKING, PACKINGS
 from ptlm.errors import PtlmError
 from ptlm.model.config import model_facts, resolve_config
-from ptlm.plan.dsconfig import OptimizerHyper, build_ds_config
+from ptlm.plan.dsconfig import OptimizerHyper, engine_config
 from ptlm.plan.facts import KNOWN_CONFIGS, GiB
 from ptlm.plan.memory import Job
 from ptlm.plan.planner import Plan, plan
@@ -46,12 +46,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print the plan as JSON")
     out.add_argument("--write-ds-config", metavar="FILE", type=Path,
-                     help="write a complete DeepSpeed config for the plan")
+                     help="write the complete DeepSpeed config for the plan: the one "
+                          "`ptlm train` builds its engine with (its ds_config.json)")
     out.add_argument("--verify", action="store_true",
                      help="run one real training step of the chosen setting under FakeTensorMode "
                           "(no GPU, no compute) and print its measured peak beside the prediction")
-    out.add_argument("--lr", type=float, default=5e-5, help="learning rate in the written config")
-    out.add_argument("--weight-decay", type=float, default=0.0)
+    out.add_argument("--lr", type=float, default=OptimizerHyper.lr,
+                     help="learning rate in the written config (default: %(default)g, ptlm train's)")
+    out.add_argument("--weight-decay", type=float, default=OptimizerHyper.weight_decay,
+                     help="AdamW weight decay in the written config (default: %(default)g)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def verify(model_spec: str, p: Plan) -> dict:
-    """Measure the chosen setting's step under FakeTensorMode + MemTracker (ptlm.memtrace)."""
+    """Measure the chosen setting's step under FakeTensorMode + MemTracker (ptlm.run.memtrace)."""
     from ptlm.run.memtrace import measure_step  # torch: only with --verify
 
     setting = p.setting
@@ -108,7 +111,7 @@ def format_verify(v: dict) -> str:
 
 
 def _write_ds_config(result: Plan, args: argparse.Namespace) -> None:
-    config = build_ds_config(result, OptimizerHyper(lr=args.lr, weight_decay=args.weight_decay))
+    config = engine_config(result, OptimizerHyper(lr=args.lr, weight_decay=args.weight_decay))
     args.write_ds_config.parent.mkdir(parents=True, exist_ok=True)
     args.write_ds_config.write_text(json.dumps(config, indent=2) + "\n")
     result.notes.append(f"DeepSpeed config written to {args.write_ds_config}")

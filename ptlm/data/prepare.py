@@ -6,9 +6,10 @@ Two passes over tokens, one over text:
      tokenizer's own specials (its BOS first where it adds one, as Llama 3's and Gemma's do; the
      EOS the model ends documents with last), and append
      the ids to a flat temporary file; keep only each document's length (8 bytes/document);
-  2. choose validation documents from the lengths (ptlm.packing.choose_val_docs), then, per split,
-     read the documents' ids back from the memory-mapped temporary file in corpus order and cut
-     them into blocks (ptlm.packing.BlockPacker) written to shards (ptlm.shards.ShardWriter).
+  2. choose validation documents from the lengths (ptlm.data.packing.choose_val_docs), then, per
+     split, read the documents' ids back from the memory-mapped temporary file in corpus order and
+     cut them into blocks (ptlm.data.packing.BlockPacker) written to shards
+     (ptlm.data.shards.ShardWriter).
 Everything is written under DIR's temporary sibling and renamed at the end, so an interrupted run
 never leaves a half-made DIR.
 """

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import torch
 
 from ptlm.errors import PtlmError
+from ptlm.plan.dsconfig import OptimizerHyper
 from ptlm.plan.setting import Setting
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,9 @@ def full_shape(p: torch.Tensor) -> tuple[int, ...]:
 
 
 def build_optimizer(setting: Setting, named_params: Iterable[tuple[str, torch.nn.Parameter]],
-                    lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-                    eps: float = 1e-8) -> torch.optim.Optimizer | None:
+                    lr: float, weight_decay: float = OptimizerHyper.weight_decay,
+                    betas: tuple[float, float] = OptimizerHyper.betas,
+                    eps: float = OptimizerHyper.eps) -> torch.optim.Optimizer | None:
     """The optimizer for `setting`, or None when DeepSpeed must build its own from the config.
 
     - offload != "none": DeepSpeedCPUAdam (ZeRO-Offload refuses other client optimizers). It is a

@@ -1,4 +1,6 @@
-"""DeepSpeed configs from a plan: complete ones (`build_ds_config`) or filled templates.
+"""The DeepSpeed config from a plan: `engine_config` is the one function that makes the exact dict
+the engine is built with, for `ptlm plan --write-ds-config`, training and `ptlm probe` alike;
+from the plan's complete config (`build_ds_config`) or a filled template.
 
 Keys are DeepSpeed's own (deepspeed/runtime/constants.py, runtime/zero/config.py,
 runtime/zero/offload_config.py, runtime/precision_config.py). Templates in ds_configs/ use "auto"
@@ -45,16 +47,23 @@ PLAN_OWNED: dict[str, object] = {
     "zero_optimization.offload_param.device": "none",
 }
 
-# Top-level keys the plan's setting needs even when a template leaves them out.
-PLAN_REQUIRED_EXTRAS = ("zero_allow_untested_optimizer",)
+# Top-level keys the engine needs even when a template leaves them out: the optimizer's
+# hyper-parameters (ptlm builds its optimizer from them) and, for 8-bit AdamW, ZeRO's leave to
+# run an untested client optimizer.
+PLAN_REQUIRED_EXTRAS = ("optimizer", "zero_allow_untested_optimizer")
 
 
 @dataclass(frozen=True)
 class OptimizerHyper:
-    lr: float = 5e-5
-    betas: tuple[float, float] = (0.9, 0.999)
+    """The optimizer's hyper-parameters. Its defaults are the one source of every default:
+    `ptlm train`'s (ptlm.run.config.Optimization), `ptlm plan --lr/--weight-decay`, the probe's,
+    and ptlm.model.optim.build_optimizer's. Betas (0.9, 0.95) and weight decay 0.1 are the usual
+    LLM (pre)training values (GPT-3, Llama, nanoGPT), 1.0 the usual clipping norm."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
-    weight_decay: float = 0.0
+    weight_decay: float = 0.1
     gradient_clipping: float = 1.0
 
 
@@ -72,15 +81,44 @@ def build_ds_config(plan: Plan, hyper: OptimizerHyper | None = None) -> dict:
         "zero_optimization": _zero_block(plan),
         "steps_per_print": STEPS_PER_PRINT,
         "wall_clock_breakdown": False,
-        # The hyper-parameters. ptlm builds the optimizer itself (ptlm/model/optim.py) and hands it to
-        # deepspeed.initialize, which then ignores this type; it is the CPU-Adam fallback.
+        # The hyper-parameters' one home. ptlm builds the optimizer itself from them
+        # (ptlm.model.optim, via optimizer_params) and hands it to deepspeed.initialize, which then
+        # ignores this block (engine.optimizer_name() is the client's); DeepSpeed builds its own
+        # from it only when ptlm hands none (CPU Adam that ptlm could not build).
         "optimizer": {"type": "AdamW", "params": {
             "lr": hyper.lr, "betas": list(hyper.betas), "eps": hyper.eps,
             "weight_decay": hyper.weight_decay}},
     }
-    if s.optimizer == "adamw8bit":  # bitsandbytes is not on ZeRO's list of tested optimizers
+    # ZeRO refuses a client optimizer that is not on its tested list (runtime/zero/utils.py
+    # ZERO_SUPPORTED_OPTIMIZERS: torch AdamW and CPU Adam are; bitsandbytes' AdamW8bit is not)
+    if s.optimizer == "adamw8bit":
         config["zero_allow_untested_optimizer"] = True
     return config
+
+
+def engine_config(plan: Plan, hyper: OptimizerHyper | None = None, template: str | Path | None = None,
+                  extra: dict | None = None) -> dict:
+    """The exact DeepSpeed config the engine is built with (ptlm.run.engine.build_engine), the file
+    `ptlm plan --write-ds-config` writes and the run's ds_config.json: the plan's complete config,
+    or `template` (a ds_configs/ name or a path) filled from the plan; without a "scheduler"
+    (ptlm's LR schedule is the one that runs); `extra`'s top-level entries added as they are
+    (e.g. {"checkpoint": {"load_universal": True}}). A template's own optimizer values win over
+    `hyper`'s, and the optimizer ptlm builds reads them back from here (optimizer_params)."""
+    if template:
+        config = fill_template(load_template(template), plan, hyper)
+    else:
+        config = build_ds_config(plan, hyper)
+    config.pop("scheduler", None)
+    config.update(copy.deepcopy(extra or {}))
+    return config
+
+
+def optimizer_params(config: dict) -> dict:
+    """The optimizer's hyper-parameters in an engine config (engine_config's), as keyword
+    arguments of ptlm.model.optim.build_optimizer."""
+    params = config["optimizer"]["params"]
+    return dict(lr=params["lr"], betas=tuple(params["betas"]), eps=params["eps"],
+                weight_decay=params["weight_decay"])
 
 
 def _fp16_block(s: Setting) -> dict:
@@ -157,6 +195,9 @@ def fill_template(template: dict, plan: Plan, hyper: OptimizerHyper | None = Non
     for key in PLAN_REQUIRED_EXTRAS:  # what this setting needs even if the template omits it
         if key in complete:
             filled.setdefault(key, complete[key])
+    # a template's optimizer values win; the ones it leaves out are the hyper-parameters'
+    filled["optimizer"]["params"] = {**complete["optimizer"]["params"],
+                                     **filled["optimizer"].get("params", {})}
     return filled
 
 

@@ -11,7 +11,7 @@ The step has two memory peaks and the larger one counts:
 micro-batch, h hidden, f MLP width, V vocabulary, L layers. docs/planner.md derives every term.
 
 Calibration (tests/test_memory.py, docs/planner.md): the plain-HF OPT-125M peaks measured with
-FakeTensorMode + MemTracker (docs/reference-figures.md) and ptlm.memtrace's
+FakeTensorMode + MemTracker (docs/reference-figures.md) and ptlm.run.memtrace's
 measurements of ptlm's own step are reproduced within 10% (most within 5%). The ZeRO stages and
 offloads are checked against the real DeepSpeed 0.19.8 engine on 2 CPU ranks, every live tensor
 byte counted from the allocator (bench/bench_zero_memory.py, tests/test_memory_zero.py,
@@ -66,7 +66,7 @@ ZERO3_NORM_CHUNK_ELEMENTS = 250_000_000  # stage3.py _constant_buffered_norm2's 
 # one more short-lived 16-bit copy, which DeepSpeed's estimator leaves out.
 ZERO12_EXTRA_HALF_GRAD_COPIES = 1
 # While loading, each rank holds the model on the host in the training dtype
-# (ptlm.model.load_model passes it to from_pretrained); DeepSpeed's estimator assumes fp32 (4).
+# (ptlm.model.load.load_model passes it to from_pretrained); DeepSpeed's estimator assumes fp32 (4).
 # DeepSpeed's estimators multiply host memory by this "additional_buffer_factor".
 HOST_BUFFER_FACTOR = 1.5
 # Host RSS of one training process besides offloaded states: python + torch + CUDA runtime +
@@ -105,7 +105,7 @@ HEAD_SAVED_TENSORS = 2
 # Gradient checkpointing keeps each layer's input; the backward recomputes one layer at a time.
 CHECKPOINT_SAVED_TENSORS_PER_LAYER = 1
 # While one layer runs its backward, the gradients of its activations are live: about one MLP-wide
-# and four hidden-wide tensors in the activation dtype (calibrated on ptlm.memtrace, OPT-125M:
+# and four hidden-wide tensors in the activation dtype (calibrated on ptlm.run.memtrace, OPT-125M:
 # 0.33 GiB fp32 / 0.24 GiB bf16 at 16×1024), plus the gradient flowing down the residual stream.
 LAYER_GRAD_FFN_TENSORS = 1
 LAYER_GRAD_HIDDEN_TENSORS = 4
@@ -126,8 +126,8 @@ HELD_OUTPUT_LOGITS_COPIES = 1
 # activation dtype for tanh's backward (measured: Gemma 2 shape, fp32, 2 x 1024 tokens, vocab
 # 4096: +32 MiB, exactly one copy). A scaled head (Cohere, Granite) keeps none (measured too).
 SOFTCAP_SAVED_COPIES = 1
-# ptlm's chunked loss (ptlm/loss.py) computes each chunk's loss and gradients in its forward, in
-# place on one fp32 (rows × V) buffer; 16-bit models add one 16-bit (rows × V) tensor (the logits
+# ptlm's chunked loss (ptlm/model/loss.py) computes each chunk's loss and gradients in its forward,
+# in place on one fp32 (rows × V) buffer; 16-bit models add one 16-bit (rows × V) tensor (the logits
 # before .float(), later the logits' grad), and one 16-bit (V × h) GEMM result per chunk. Across
 # chunks it keeps grad(hidden) (b·s·h, model dtype) and an fp32 grad of the LM-head weight (V × h).
 CHUNK_LOSS_FP32_COPIES = 1
@@ -137,12 +137,12 @@ CHUNK_LOSS_HEAD_GRAD_FP32_BYTES = 4
 # an fp32 one; CPU's TensorIterator first casts the 16-bit operand to an fp32 temporary (CUDA
 # kernels cast element by element). Measured: bench/bench_zero_memory.py, docs/benchmarks.md.
 CHUNK_LOSS_MIXED_ADD_FP32_COPIES = {"cuda": 0, "cpu": 1}
-# Rows per chunk = this many bytes of fp32 logits (must equal ptlm.loss.LOGITS_CHUNK_BYTES; a test
-# checks it): 667 rows for a 50k vocabulary.
+# Rows per chunk = this many bytes of fp32 logits (must equal ptlm.model.loss.LOGITS_CHUNK_BYTES;
+# a test checks it): 667 rows for a 50k vocabulary.
 LOSS_LOGITS_CHUNK_BYTES = 128 * 2**20
 
 # ----------------------------------------------------------------------------------------------
-# DeepSpeed buffers (the sizes we choose are written into the DeepSpeed config by ptlm.dsconfig)
+# DeepSpeed buffers (the sizes chosen here go into the DeepSpeed config: ptlm.plan.dsconfig)
 # ----------------------------------------------------------------------------------------------
 DS_DEFAULT_BUCKET_ELEMENTS = int(5e8)  # DeepSpeed's reduce/allgather_bucket_size default
 # We cap each gradient bucket at 1% of the GPU's memory (DeepSpeed's default bucket, 5e8 elements,
@@ -186,7 +186,7 @@ class Job:
 
     seq_len: int
     global_batch: int | None = None  # None: as large a micro-batch as fits, no accumulation
-    loss_chunk_tokens: int | None = None  # rows per loss chunk; None = ptlm.loss's default
+    loss_chunk_tokens: int | None = None  # rows per loss chunk; None = ptlm.model.loss's default
     max_micro_batch: int = DEFAULT_MAX_MICRO_BATCH  # search cap when global_batch is None
     # The training loop keeps the model outputs (full logits) alive through backward (HF example
     # scripts); ptlm's loop does not. Only matters without the chunked loss.

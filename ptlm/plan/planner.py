@@ -10,7 +10,8 @@ accumulation × GPUs, predicts tokens/s, and returns the fastest. Candidates wit
 Cost model (per optimizer step; docs/planner.md):
   compute   = tokens × FLOPs/token × (4/3 with checkpointing) / (peak × MFU_CEILING)
               + per-layer launch overhead per micro-step (more under ZeRO-3's hooks)
-  FLOPs/token = 6·N + 12·L·h·s            (PaLM Appendix B, as nanoGPT's estimate_mfu)
+  FLOPs/token = 6·N + 12·L·h·s            (PaLM Appendix B, as nanoGPT's estimate_mfu;
+                                            ptlm.plan.mfu, with the MFU every figure uses)
   comm      = bytes moved / bus bandwidth (ZeRO-0/1: one all-reduce per step; ZeRO-2: reduce-
               scatter per micro-step + all-gather per step; ZeRO-3: gather per forward/backward
               pass + reduce-scatter per micro-step), no overlap assumed
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field, replace
 
 from ptlm.errors import PtlmError
 from ptlm.plan.facts import GiB, HardwareFacts, ModelFacts
+from ptlm.plan.mfu import flops_per_token, mfu, peak_flops
 from ptlm.plan.memory import (
     PRECISION_BYTES,
     DsBuffers,
@@ -40,10 +42,6 @@ from ptlm.plan.setting import OFFLOADS, OPTIMIZERS, PRECISIONS, ZERO_STAGES, Set
 # ----------------------------------------------------------------------------------------------
 # Cost-model constants
 # ----------------------------------------------------------------------------------------------
-# Training FLOPs per token = 6·N + 12·L·h·s (PaLM App. B; llm.c's Kaplan form 6·N + 6·L·h·s is
-# ~7% lower at s = 1024). N counts every parameter, so the tied LM head's matmul is in it.
-FLOPS_PER_PARAM_PER_TOKEN = 6
-ATTENTION_FLOPS_PER_LAYER_HIDDEN_TOKEN = 12
 # Checkpointing recomputes the forward: +2·N of the 6·N (reference figures: +20-33%).
 CHECKPOINTING_COMPUTE_FACTOR = 4 / 3
 # Fraction of peak a well-fed step reaches: nanoGPT ~30%, llm.c ~38-56% (reference figures);
@@ -271,15 +269,25 @@ def evaluate(model: ModelFacts, hw: HardwareFacts, job: Job, setting: Setting,
         problem = _fit_problem(model, hw, job, smallest)
         return Rejected(smallest, problem, mem.needed_bytes, mem.host_total)
     if fixed_micro:
-        micro = setting.micro_batch
-        accum, global_batch = _accumulation(job, hw.world, micro)
-    else:
-        micro, accum, global_batch = _split_batch(job, hw.world, largest)
-    chosen = setting.with_(micro_batch=micro)
+        return at_micro_batch(model, hw, job, setting)
+    micro, accum, global_batch = _split_batch(job, hw.world, largest)
+    return _candidate(model, hw, job, setting.with_(micro_batch=micro), accum, global_batch)
+
+
+def at_micro_batch(model: ModelFacts, hw: HardwareFacts, job: Job, setting: Setting) -> Candidate:
+    """The candidate for `setting` at its own micro-batch, accumulation making up the job's global
+    batch, whether or not the memory model says it fits: evaluate's figures for a fixed
+    micro-batch, also for one a run chose by measuring (an out-of-memory back-off)."""
+    accum, global_batch = _accumulation(job, hw.world, setting.micro_batch)
+    return _candidate(model, hw, job, setting, accum, global_batch)
+
+
+def _candidate(model: ModelFacts, hw: HardwareFacts, job: Job, chosen: Setting, accum: int,
+               global_batch: int) -> Candidate:
     step = step_seconds(model, hw, job, chosen, accum)
     tokens = global_batch * job.seq_len
     return Candidate(chosen, accum, global_batch, estimate(model, hw, job, chosen),
-                     tokens / step, step, _mfu(model, hw, job, tokens / step))
+                     tokens / step, step, _mfu(model, hw, job, chosen, tokens / step))
 
 
 def _fit_problem(model: ModelFacts, hw: HardwareFacts, job: Job, setting: Setting) -> str:
@@ -349,11 +357,6 @@ def _accumulation(job: Job, world: int, micro: int) -> tuple[int, int]:
 # Cost model
 # ----------------------------------------------------------------------------------------------
 
-def flops_per_token(model: ModelFacts, seq_len: int) -> float:
-    return (FLOPS_PER_PARAM_PER_TOKEN * model.parameters
-            + ATTENTION_FLOPS_PER_LAYER_HIDDEN_TOKEN * model.layers * model.hidden * seq_len)
-
-
 def step_seconds(model: ModelFacts, hw: HardwareFacts, job: Job, s: Setting, accum: int) -> float:
     micro = _compute_seconds(model, hw, job, s) + _micro_comm_seconds(model, hw, s)
     micro += _micro_pcie_seconds(model, hw, s)
@@ -361,7 +364,7 @@ def step_seconds(model: ModelFacts, hw: HardwareFacts, job: Job, s: Setting, acc
 
 
 def _compute_seconds(model: ModelFacts, hw: HardwareFacts, job: Job, s: Setting) -> float:
-    peak = (hw.fp32_tflops if s.precision == "fp32" else hw.peak_tflops) * 1e12
+    peak = peak_flops(s.precision, hw.peak_tflops, hw.fp32_tflops)
     recompute = CHECKPOINTING_COMPUTE_FACTOR if s.checkpointing else 1.0
     flops = s.micro_batch * job.seq_len * flops_per_token(model, job.seq_len) * recompute
     overhead = model.layers * LAYER_OVERHEAD_S * recompute
@@ -411,9 +414,10 @@ def _optimizer_step_seconds(model: ModelFacts, hw: HardwareFacts, s: Setting) ->
     return seconds + cpu_adam + local * w / hw.pcie_bandwidth  # updated weights back up
 
 
-def _mfu(model: ModelFacts, hw: HardwareFacts, job: Job, tokens_per_s: float) -> float:
-    """Model FLOPs utilization against the 16-bit peak (the usual convention)."""
-    return tokens_per_s * flops_per_token(model, job.seq_len) / (hw.world * hw.peak_tflops * 1e12)
+def _mfu(model: ModelFacts, hw: HardwareFacts, job: Job, s: Setting, tokens_per_s: float) -> float:
+    """The predicted MFU (ptlm.plan.mfu: against the peak of the setting's precision)."""
+    return mfu(tokens_per_s, flops_per_token(model, job.seq_len),
+               peak_flops(s.precision, hw.peak_tflops, hw.fp32_tflops), hw.world)
 
 
 # ----------------------------------------------------------------------------------------------

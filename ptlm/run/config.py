@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ptlm.data.documents import DEFAULT_PACKING, PACKINGS
 from ptlm.errors import PtlmError
+from ptlm.plan.dsconfig import OptimizerHyper
 from ptlm.plan.setting import Forced
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -135,11 +136,12 @@ class Data:
 class Optimization:
     """optimization"""
 
-    lr: float = opt(1e-4, "peak learning rate")
-    betas: tuple[float, float] = opt((0.9, 0.95), "AdamW betas", metavar=("B1", "B2"))
-    eps: float = opt(1e-8, "AdamW epsilon")
-    weight_decay: float = opt(0.1, "AdamW weight decay")
-    grad_clip: float = opt(1.0, "gradient clipping norm (0 = off)")
+    # the defaults are OptimizerHyper's, the one source (plan, probe and run alike)
+    lr: float = opt(OptimizerHyper.lr, "peak learning rate")
+    betas: tuple[float, float] = opt(OptimizerHyper.betas, "AdamW betas", metavar=("B1", "B2"))
+    eps: float = opt(OptimizerHyper.eps, "AdamW epsilon")
+    weight_decay: float = opt(OptimizerHyper.weight_decay, "AdamW weight decay")
+    grad_clip: float = opt(OptimizerHyper.gradient_clipping, "gradient clipping norm (0 = off)")
     global_batch: int | None = opt(None, "sequences per optimizer step, all ranks together "
                                          "(default: the plan's)", metavar="B")
 

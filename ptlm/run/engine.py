@@ -2,11 +2,13 @@
 measures exactly the engine a run with the same plan trains.
 
     build_engine(plan, source, hyper)
-      _ds_config        the complete DeepSpeed config of the plan (ptlm.run.setup.deepspeed_config)
+      engine_config     the exact DeepSpeed config (ptlm.plan.dsconfig.engine_config, the file
+                        `ptlm plan --write-ds-config` writes)
       _setup_model      the HF model in the plan's precision; under ZeRO-3 built partitioned
                         (HfDeepSpeedConfig -> deepspeed.zero.Init); embeddings checked against
                         the data's ids; activation checkpointing when planned
-      _setup_optimizer  ptlm's optimizer (ptlm.model.optim), or DeepSpeed's own CPU Adam
+      _setup_optimizer  ptlm's optimizer (ptlm.model.optim) from the config's hyper-parameters,
+                        or None: DeepSpeed's own CPU Adam from the same block
       deepspeed.initialize(LossModule(model), optimizer, config)
       _undo_state_priming  fp16 at ZeRO-0: DeepSpeed's zero-gradient priming step undone
       _scale_loss_once     fp16 at ZeRO-0: the loss scaled before backward, exactly once
@@ -26,10 +28,10 @@ from ptlm.model.load import check_vocab, embedding_rows, enable_checkpointing, l
 from ptlm.model.forward import LossModule
 from ptlm.model.profile import packing_mechanism
 from ptlm.model.optim import build_optimizer, full_shape
-from ptlm.plan.dsconfig import OptimizerHyper
+from ptlm.plan.dsconfig import OptimizerHyper, engine_config, optimizer_params
 from ptlm.plan.planner import Plan
 from ptlm.run.distributed import decided_by_rank0
-from ptlm.run.setup import ModelSource, deepspeed_config
+from ptlm.run.setup import ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +66,10 @@ def build_engine(plan: Plan, source: ModelSource, hyper: OptimizerHyper,
     (engine(ids, labels, positions)) through the mechanism the model honours."""
     import deepspeed
 
-    ds_config, opt = _ds_config(plan, hyper, ds_template, ds_extra)
+    ds_config = engine_config(plan, hyper, ds_template, ds_extra)
     model = setup_model(source, plan.setting.precision, ds_config, plan.setting.checkpointing)
     packed = packing_record(packing, model)
-    optimizer = _setup_optimizer(plan, model, opt, ds_config)
+    optimizer = _setup_optimizer(plan, model, ds_config)
     engine, _, _, _ = deepspeed.initialize(
         model=LossModule(model, plan.setting.chunked_loss, packed.get("mechanism")),
         optimizer=optimizer, config=ds_config, lr_scheduler=lr_scheduler)
@@ -233,13 +235,6 @@ def gradient_scale(engine) -> float:
     return 1.0 if scaler is None else float(scaler.cur_scale)
 
 
-def _ds_config(plan: Plan, hyper: OptimizerHyper, template: str | None,
-               extra: dict | None) -> tuple[dict, dict]:
-    ds_config, opt = deepspeed_config(plan, hyper, template)
-    ds_config.update(extra or {})
-    return ds_config, opt
-
-
 def setup_model(source: ModelSource, precision: str, ds_config: dict | None = None,
                 checkpointing: bool = False) -> nn.Module:
     """The HF model in `precision`, its embeddings large enough for the data's ids. With a ZeRO-3
@@ -263,14 +258,10 @@ def setup_model(source: ModelSource, precision: str, ds_config: dict | None = No
     return model
 
 
-def _setup_optimizer(plan: Plan, model: nn.Module, opt: dict, ds_config: dict):
-    """ptlm's optimizer on the model's parameters; None (and the config's "optimizer" block) when
-    DeepSpeed must build its CPU Adam itself."""
-    optimizer = build_optimizer(plan.setting, model.named_parameters(), **opt)
-    if optimizer is None:  # DeepSpeed builds CPU Adam from the config
-        ds_config["optimizer"] = {"type": "AdamW",
-                                  "params": {**opt, "betas": list(opt["betas"])}}
-    return optimizer
+def _setup_optimizer(plan: Plan, model: nn.Module, ds_config: dict):
+    """ptlm's optimizer on the model's parameters, with the config's hyper-parameters; None when
+    DeepSpeed must build its CPU Adam itself (from the same "optimizer" block)."""
+    return build_optimizer(plan.setting, model.named_parameters(), **optimizer_params(ds_config))
 
 
 def parameter_count(model: nn.Module) -> int:

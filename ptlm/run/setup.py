@@ -1,5 +1,6 @@
 """Everything the run decides before its first step: the model, the checks of data against model,
-the hardware facts, the plan and the DeepSpeed config. Each piece is a small function so the
+the hardware facts, the plan and the optimizer's hyper-parameters (the DeepSpeed config is
+ptlm.plan.dsconfig.engine_config's). Each piece is a small function so the
 checks run (and fail clearly) before any training starts."""
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -143,14 +144,8 @@ def hardware(world_size: int) -> HardwareFacts:
     its memory split across the local ranks; bf16 as DeepSpeed's CPU accelerator says (ptlm
     still trains fp32 on CPU unless --precision bf16/fp16 is forced, see plan_for)."""
     local = local_world_size(world_size)
-    nodes = max(1, world_size // max(local, 1))
-    hw = machine.detect()
-    if hw.gpus_per_node > 0:
-        return replace(hw, gpus_per_node=local, nodes=nodes)
-    host = hw.host_memory_bytes or 0
-    return HardwareFacts(gpu_name="cpu", gpu_memory_bytes=max(host // max(local, 1), 1),
-                         gpus_per_node=local, nodes=nodes, host_memory_bytes=host,
-                         bf16=_accelerator_bf16(), device_type="cpu")
+    return machine.facts(gpus=local, nodes=max(1, world_size // max(local, 1)),
+                         cpu_bf16=_accelerator_bf16)
 
 
 def _accelerator_bf16() -> bool:
@@ -234,24 +229,6 @@ def optimizer_hyper(cfg: RunConfig) -> dsconfig.OptimizerHyper:
     o = cfg.optim
     return dsconfig.OptimizerHyper(lr=o.lr, betas=o.betas, eps=o.eps,
                                    weight_decay=o.weight_decay, gradient_clipping=o.grad_clip)
-
-
-def deepspeed_config(p: Plan, hyper: dsconfig.OptimizerHyper,
-                     template: str | None = None) -> tuple[dict, dict]:
-    """(complete DeepSpeed config, optimizer hyper-parameters). ptlm builds the optimizer itself
-    (torch AdamW, bitsandbytes AdamW8bit or DeepSpeed CPU Adam) and hands it to DeepSpeed, so the
-    config's "optimizer" block only carries the hyper-parameters (a template may set them)."""
-    if template:
-        ds = dsconfig.fill_template(dsconfig.load_template(template), p, hyper)
-    else:
-        ds = dsconfig.build_ds_config(p, hyper)
-    params = ds.pop("optimizer", {}).get("params", {})
-    ds.pop("scheduler", None)  # ptlm's schedule (transformers) is the one that runs
-    ds["zero_allow_untested_optimizer"] = True
-    opt = dict(lr=params.get("lr", hyper.lr), betas=tuple(params.get("betas", hyper.betas)),
-               eps=params.get("eps", hyper.eps),
-               weight_decay=params.get("weight_decay", hyper.weight_decay))
-    return ds, opt
 
 
 def on_gpu() -> bool:

@@ -21,7 +21,8 @@ from torch import nn
 
 from ptlm.data.reader import Batch, PackedDataset, PackedLoader
 from ptlm.errors import PtlmError
-from ptlm.plan.planner import flops_per_token
+from ptlm.plan.mfu import flops_per_token, mfu, peak_flops
+from ptlm.plan.planner import at_micro_batch
 from ptlm.run import changed, checkpoint, faults, lock, report
 from ptlm.run import setup as runsetup
 from ptlm.run.config import RunConfig
@@ -198,10 +199,7 @@ def setup(cfg: RunConfig) -> Run:
     barrier()
     facts = p.model
     hw = p.hardware
-    peak = None
-    if gpu:
-        tflops = hw.fp32_tflops if setting.precision == "fp32" else hw.peak_tflops
-        peak = tflops * 1e12
+    peak = peak_flops(setting.precision, hw.peak_tflops, hw.fp32_tflops) if gpu else None
     return Run(cfg=cfg, dist=dist, engine=engine, model=model, loader=loader, val=val, plan=p,
                total_steps=steps, metrics=report.MetricsLog(cfg.out, dist.is_main),
                state=RunState(micro_batch=setting.micro_batch), resume_from=resume_from,
@@ -603,15 +601,20 @@ def _release_zero3(run: Run) -> None:
 
 
 def plan_with_micro_batch(p, micro: int):
-    """The plan at another micro-batch, the same global batch (accumulation makes it up)."""
+    """The plan at another micro-batch, the same global batch (accumulation makes it up), its
+    memory and tokens/s evaluated again by the planner for that micro-batch (the plan a
+    checkpoint saves)."""
     from dataclasses import replace
 
     per_rank = p.global_batch // p.hardware.world
     if per_rank % micro:
         raise PtlmError(f"micro-batch {micro} does not divide the {per_rank} sequences per rank")
-    chosen = replace(p.chosen, setting=p.setting.with_(micro_batch=micro),
-                     grad_accum=per_rank // micro)
-    return replace(p, chosen=chosen)
+    job = replace(p.job, global_batch=p.global_batch)  # the global batch trained, not the asked
+    chosen = at_micro_batch(p.model, p.hardware, job, p.setting.with_(micro_batch=micro))
+    note = (f"micro-batch {micro} (planned {p.micro_batch}) was set by the run: an "
+            "out-of-memory back-off, or the resumed checkpoint's")
+    return replace(p, chosen=chosen, notes=[*p.notes, note] if micro != p.micro_batch
+                   else list(p.notes))
 
 
 def _use_micro_batch(run: Run, micro: int, restore) -> None:
@@ -652,11 +655,11 @@ def log_step(run: Run, loss: float, seconds: float, bar) -> None:
     lr = run.engine.get_lr()[0]
     # ZeRO-0: ptlm's own (fp16's wrapper reports the norm still times the loss scale)
     norm = run.state_grad_norm if run.plan.setting.zero == 0 else run.engine.get_global_grad_norm()
-    mfu = (tps * run.flops_per_token / (run.dist.world_size * run.peak_flops)
-           if run.peak_flops else None)
+    utilization = (mfu(tps, run.flops_per_token, run.peak_flops, run.dist.world_size)
+                   if run.peak_flops else None)
     record = {"kind": "train", "step": s.step, "epoch": run.loader.epoch, "loss": loss,
               "lr": lr, "grad_norm": None if norm is None else float(norm),
-              "tokens_per_s": tps, "mfu": mfu, "peak_mem_bytes": peak_memory_bytes(),
+              "tokens_per_s": tps, "mfu": utilization, "peak_mem_bytes": peak_memory_bytes(),
               "micro_batch": s.micro_batch, "tokens": s.tokens}
     if s.step % run.cfg.log_every == 0 or s.step == run.total_steps:
         run.metrics.write(record)
