@@ -327,7 +327,7 @@ def test_eval_that_scores_nothing_or_cannot_is_an_error(tmp_path, eval_model, de
         (("--text", text, "--stride", -5), "--stride -5: must be >= 1"),
         (("--text", text, "--stride", 0), "--stride 0: must be >= 1"),
         (("--text", text, "--max-length", 1000), "--max-length 1000 is above the 128 positions"),
-        (("--data", gpt2_data), "not in this model's token ids"),
+        (("--data", gpt2_data), "embedding rows: ids 1,024 and up have no row"),
     ]
     for args, message in cases:
         r = cli("eval", "--model", eval_model, *args)

@@ -10,10 +10,10 @@ import torch
 from ptlm import hub
 from ptlm.data import PackedDataset
 from ptlm.data.documents import DEFAULT_PACKING, PACKINGS
-from ptlm.data.tokenizer import same_tokenizer
 from ptlm.errors import PtlmError
 from ptlm.model.config import max_positions
 from ptlm.run.evaluate import evaluate_blocks, evaluate_text, model_forward
+from ptlm.run.setup import tokenizer_problems
 
 
 DEFAULT_STRIDE = 512  # tokens; each window re-reads max_length - stride tokens of context
@@ -97,17 +97,9 @@ def run(args) -> int:
 
 
 def _check_data_tokenizer(spec: str, model, dataset: PackedDataset) -> None:
-    """The data must be in the model's token ids: its tokenizer fits the embedding table and,
-    when the model folder has its own tokenizer, is that tokenizer."""
-    rows = model.get_input_embeddings().weight.shape[0]
-    if dataset.vocab_size > rows:
-        raise PtlmError(f"{dataset.root} was prepared with a tokenizer of {dataset.vocab_size:,} "
-                        f"tokens, {spec} has {rows:,} embedding rows: the data is not in this "
-                        "model's token ids. Prepare it with the model's tokenizer")
-    own = Path(spec) / "tokenizer.json"
-    data_tok = Path(dataset.tokenizer_path) / "tokenizer.json"
-    if own.is_file() and data_tok.is_file() and not same_tokenizer(own, data_tok):
-        raise PtlmError(f"{dataset.root} was prepared with another tokenizer "
-                        f"({dataset.manifest['tokenizer']['source']}) than {spec}'s own: the "
-                        "perplexity would mean nothing. Prepare the data with the model's "
-                        f"tokenizer (`ptlm prepare --tokenizer {spec} ...`)")
+    """The data must be in the model's token ids (ptlm.run.setup.tokenizer_problems, the
+    check training makes): else the perplexity would mean nothing."""
+    problems = tokenizer_problems(spec, model.get_input_embeddings().weight.shape[0], dataset)
+    if problems:
+        raise PtlmError("; ".join(problems) + ": the perplexity would mean nothing. Prepare the "
+                        f"data with the model's tokenizer (`ptlm prepare --tokenizer {spec} ...`)")

@@ -80,6 +80,24 @@ def _set_special_ids(config, data: PackedDataset) -> None:
         config.pad_token_id = None
 
 
+def tokenizer_problems(spec: str, rows: int | None, data: PackedDataset) -> list[str]:
+    """Why the data's token ids are not the model's (training and `ptlm eval` alike): the model
+    folder's own tokenizer.json is another tokenizer than the data's, or the data has ids past
+    the model's `rows` embedding rows."""
+    from pathlib import Path
+
+    problems = []
+    model_tok, data_tok = Path(spec) / "tokenizer.json", Path(data.tokenizer_path) / "tokenizer.json"
+    if model_tok.is_file() and data_tok.is_file() and not toks.same_tokenizer(model_tok, data_tok):
+        problems.append(f"the data {data.root} was prepared with another tokenizer "
+                        f"({data.manifest['tokenizer']['source']}) than the model's own "
+                        f"({model_tok.parent})")
+    if isinstance(rows, int) and data.vocab_size > rows:
+        problems.append(f"the data's tokenizer has {data.vocab_size:,} tokens, the model {spec} "
+                        f"has {rows:,} embedding rows: ids {rows:,} and up have no row")
+    return problems
+
+
 def check_tokenizer(cfg: RunConfig, data: PackedDataset) -> None:
     """Before step 1, the data's tokenizer against what the run was told and the model has:
 
@@ -105,16 +123,8 @@ def check_tokenizer(cfg: RunConfig, data: PackedDataset) -> None:
     if cfg.what.from_scratch:
         return
     allow = cfg.what.allow_new_tokenizer
-    problems = []
-    model_tok = Path(cfg.what.model) / "tokenizer.json"
-    if model_tok.is_file() and data_tok.is_file() and not toks.same_tokenizer(model_tok, data_tok):
-        problems.append(f"the data {cfg.corpus.data} was prepared with another tokenizer "
-                        f"({info['source']}) than the model's own ({model_tok.parent})")
     rows = getattr(resolve_config(cfg.what.model), "vocab_size", None)
-    if isinstance(rows, int) and data.vocab_size > rows:
-        problems.append(f"the data's tokenizer has {data.vocab_size:,} tokens, the model "
-                        f"{cfg.what.model} has {rows:,} embedding rows: ids {rows:,} and up have "
-                        "no row")
+    problems = tokenizer_problems(cfg.what.model, rows, data)
     if not problems:
         return
     if not allow:
