@@ -113,11 +113,10 @@ def train(model, data: PackedDataset, steps: int, documents: bool, seed: int) ->
         blocks = order[(step * BATCH) % len(order):][:BATCH]
         batch = data.blocks_of(blocks)
         loss, _, _ = step_fn(batch.input_ids, None, batch.positions if documents else None)
-        ids = batch.input_ids
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        tokens += ids.numel()
+        tokens += batch.input_ids.numel()
     return tokens / (time.perf_counter() - t0)
 
 

@@ -266,7 +266,7 @@ def write_records(run: Run) -> None:
 def run_eval(run: Run, tag: str) -> EvalResult:
     run.engine.eval()
     t0 = time.perf_counter()
-    res = evaluate_blocks(lambda *batch: run.engine(*batch), run.val,
+    res = evaluate_blocks(run.engine, run.val,
                           run.state.micro_batch, rank=run.dist.rank,
                           world_size=run.dist.world_size, device=run.dist.device,
                           max_blocks=run.cfg.eval.eval_max_blocks)
