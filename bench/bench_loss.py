@@ -4,7 +4,7 @@
 
 Memory: OPT-125M (hidden 768, vocab 50,272) at batch x seq, measured by MemTracker under
 FakeTensorMode (no compute, nothing allocated), for the loss alone (head + cross-entropy, forward
-and backward, given the final hidden states) and for a whole training step (ptlm.run.memtrace).
+and backward, given the final hidden states) and for a whole training step (ptlm.run.tools.memtrace).
 Time: real CPU forward+backward of the loss alone at the smaller --time-batch x --time-seq (the
 full size takes minutes per call on a laptop CPU), median of --repeats runs.
 Prints markdown tables for docs/benchmarks.md.
@@ -31,7 +31,7 @@ from bench.common import machine  # noqa: E402
 
 from ptlm.model.loss import IGNORE_INDEX, lm_head_loss  # noqa: E402
 from ptlm.plan.setting import PLAIN_HF, Setting  # noqa: E402
-from ptlm.run.memtrace import measure_step  # noqa: E402
+from ptlm.run.tools.memtrace import measure_step  # noqa: E402
 
 GiB = 2**30
 HIDDEN, VOCAB = 768, 50272  # OPT-125M
@@ -103,7 +103,7 @@ def main() -> None:
         print(f"| {name} | {fp32 / GiB:.2f} GiB | {bf16 / GiB:.2f} GiB |")
 
     print(f"\n### Whole training step, OPT-125M, {args.batch} x {args.seq}, SDPA "
-          "(ptlm.run.memtrace.measure_step, steady state)\n")
+          "(ptlm.run.tools.memtrace.measure_step, steady state)\n")
     print("| setting | peak | activations | temporaries | optimizer states | measured in |")
     print("|---|---|---|---|---|---|")
     settings = [PLAIN_HF, PLAIN_HF.with_(chunked_loss=True),

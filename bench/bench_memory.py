@@ -1,5 +1,5 @@
 """Memory model accuracy: ptlm.plan.memory's predicted peak vs a real training step of ptlm's loop
-measured under FakeTensorMode + MemTracker (ptlm.run.memtrace), on OPT-125M and GPT-2 124M configs,
+measured under FakeTensorMode + MemTracker (ptlm.run.tools.memtrace), on OPT-125M and GPT-2 124M configs,
 over a grid of settings; plus the headline (plain HF vs ptlm's T4 plan).
 
     python bench/bench_memory.py            # ~3 min on 2 cores; prints markdown tables
@@ -93,7 +93,7 @@ def families() -> None:
     from ptlm.plan.facts import KNOWN_GPUS, HardwareFacts
     from ptlm.plan.memory import Job, estimate
     from ptlm.plan.planner import plan
-    from ptlm.run.memtrace import measure_step
+    from ptlm.run.tools.memtrace import measure_step
 
     h100 = HardwareFacts.from_spec(KNOWN_GPUS["H100-80GB"])
     t4 = HardwareFacts.from_spec(KNOWN_GPUS["T4"])
@@ -130,7 +130,7 @@ def measure(alias: str, seq_len: int, setting: Setting) -> tuple[int, int]:
     from ptlm.model.config import known_config
     from ptlm.plan.facts import KNOWN_GPUS, HardwareFacts, ModelFacts
     from ptlm.plan.memory import Job, estimate
-    from ptlm.run.memtrace import measure_step
+    from ptlm.run.tools.memtrace import measure_step
 
     config = known_config(alias)
     hw = HardwareFacts.from_spec(KNOWN_GPUS["H100-80GB"])  # GPU size does not enter the tensors
@@ -145,7 +145,7 @@ def headline() -> list[str]:
     from ptlm.plan.memory import Job
     from ptlm.plan.planner import plan
     from ptlm.plan.setting import PLAIN_HF
-    from ptlm.run.memtrace import measure_step
+    from ptlm.run.tools.memtrace import measure_step
 
     config = known_config("opt-125m")
     t4 = HardwareFacts.from_spec(KNOWN_GPUS["T4"])

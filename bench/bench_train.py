@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # ptlm, bench.* of this checkout
 from bench.common import ROOT, SHARED, machine, run_measured  # noqa: E402
 
-from ptlm.run.distributed import free_port  # noqa: E402
+from ptlm.run.machine.distributed import free_port  # noqa: E402
 
 WARMUP = 2
 SMALL_OPT = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, ffn_dim=1024,

@@ -6,7 +6,7 @@
 Pure planning (ptlm.plan.planner.plan): no GPU is needed and nothing runs. Host RAM per machine is
 an assumption stated in the table (typical cloud shapes), since offload plans depend on it.
 --calibration compares ptlm.plan.memory.estimate with the reference figures and with
-ptlm.run.memtrace (a real step of ptlm's loop under FakeTensorMode + MemTracker, on CPU).
+ptlm.run.tools.memtrace (a real step of ptlm's loop under FakeTensorMode + MemTracker, on CPU).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ CUDA_MASK_BYTES = 1  # CUDA saves dropout masks as bool; CPU (memtrace) in the a
 
 
 def calibration() -> None:
-    from ptlm.run.memtrace import measure_step
+    from ptlm.run.tools.memtrace import measure_step
 
     model, cfg = model_facts("opt-125m"), known_config("opt-125m")
     hw = HardwareFacts.from_spec(KNOWN_GPUS["H100-80GB"])

@@ -641,10 +641,10 @@ class Check:
 
     # ---------------------------------------------------------------- setup
     def start_prebuild(self):
-        """`python -m ptlm.run.oplocks` in the background: builds DeepSpeed's CPU Adam into the
+        """`python -m ptlm.run.machine.prebuild` in the background: builds DeepSpeed's CPU Adam into the
         offload rows' own extensions folder while the first stages run."""
         log = open(self.logs / "00-prebuild-ops.log", "w")
-        proc = subprocess.Popen([sys.executable, "-m", "ptlm.run.oplocks"], cwd=ROOT,
+        proc = subprocess.Popen([sys.executable, "-m", "ptlm.run.machine.prebuild"], cwd=ROOT,
                                 env={**self.env, **self.offload_ext}, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         return proc, log, time.perf_counter()

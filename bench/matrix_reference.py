@@ -329,7 +329,7 @@ def _launch(init: Path, data: Path, out: Path, s: MatrixSetting, env: dict | Non
     import time
     from types import SimpleNamespace
 
-    from ptlm.run.distributed import free_port
+    from ptlm.run.machine.distributed import free_port
 
     args = ["launch/train.py", "--model", str(init), "--data", str(data), "--out", str(out),
             "--lr", "3e-3", "--seed", "0", "--max-steps", str(STEPS),

@@ -22,12 +22,12 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   python -m pip install -q -c "$ROOT/constraints.txt" -e "$ROOT[dev,plots,bench]"
   # Build the DeepSpeed ops ptlm uses (CPU Adam; on CPU also the shared-memory collectives) now,
   # not in the first run (minutes on a small machine, and a run killed meanwhile left a lock that
-  # hung the next ones: see ptlm/run/oplocks.py). PTLM_PREBUILD_OPS=0 skips; a failure here only
+  # hung the next ones: see ptlm/run/machine/oplocks.py). PTLM_PREBUILD_OPS=0 skips; a failure here only
   # warns (the op is then built on first use). The image (docker/Dockerfile) builds them with
   # DS_BUILD_CPU_ADAM/DS_BUILD_FUSED_ADAM at install instead.
   if [ "${PTLM_PREBUILD_OPS:-1}" != "0" ]; then
     echo "[ptlm] building DeepSpeed ops (PTLM_PREBUILD_OPS=0 skips)" >&2
-    python -m ptlm.run.oplocks >&2 || echo "[ptlm] warning: DeepSpeed ops not prebuilt; they are built on first use" >&2
+    python -m ptlm.run.machine.prebuild >&2 || echo "[ptlm] warning: DeepSpeed ops not prebuilt; they are built on first use" >&2
   fi
   echo "$WANT" > "$STAMP"
 fi

@@ -56,7 +56,7 @@ def tiny_model(path, arch="opt", dropout=0.0, positions=TINY["positions"]):
 def train(data, out, model, *extra, ranks=1, check=True, scratch=True, env=None, port=None):
     """`launch/train.py` in a subprocess on CPU ranks (one plain process, or the deepspeed
     launcher's `ranks`), as users launch it."""
-    from ptlm.run.distributed import free_port
+    from ptlm.run.machine.distributed import free_port
 
     args = ["launch/train.py", "--model", str(model), *(["--from-scratch"] if scratch else []),
             "--data", str(data), "--out", str(out), "--lr", "3e-3", "--seed", "0",

@@ -13,6 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "ptlm"
+MAX_FUNCTION_LINES = 80  # a screen, docstring included
 
 # layer -> the ptlm layers it may import (besides itself). Leaves shared by all: errors, units,
 # hub (whether the Hugging Face hub can be reached: data's tokenizers and model's configs ask).
@@ -67,6 +68,51 @@ def test_every_import_follows_the_allowed_direction():
                 bad.append(f"{path.relative_to(ROOT)}:{line} ({layer}) imports {target} ({other})")
     assert not bad, "imports against data/plan -> model -> run -> commands:\n" + "\n".join(bad)
 
+
+
+# Inside ptlm.run: the machine plumbing (ranks, locks, op builds, hardware, injected faults)
+# knows nothing of training; the tools (probe, memtrace, generate) use the run's pieces, which
+# never import them. Everything else in ptlm/run/ is the training step's "core".
+RUN_PARTS = {"machine": {"machine"}, "core": {"core", "machine"},
+             "tools": {"tools", "core", "machine"}}
+
+
+def run_part(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[:2] != ["ptlm", "run"]:
+        return None
+    return parts[2] if len(parts) > 2 and parts[2] in RUN_PARTS else "core"
+
+
+def test_inside_run_imports_flow_from_machine_to_core_to_tools():
+    bad = []
+    for path in sorted((PKG / "run").rglob("*.py")):
+        part = run_part(module_name(path))
+        for line, target in ptlm_imports(path):
+            other = run_part(target)
+            if other is not None and other not in RUN_PARTS[part]:
+                bad.append(f"{path.relative_to(ROOT)}:{line} ({part}) imports {target} ({other})")
+    assert not bad, "imports against run's machine -> core -> tools:\n" + "\n".join(bad)
+
+
+def test_the_run_checker_sees_a_wrong_way_import(tmp_path):
+    """The check above can fail: a machine module importing the trainer is flagged."""
+    assert run_part("ptlm.run.machine.lock") == "machine"
+    assert run_part("ptlm.run.trainer") == "core" and run_part("ptlm.run") == "core"
+    assert run_part("ptlm.run.tools.probe") == "tools" and run_part("ptlm.plan") is None
+    assert "core" not in RUN_PARTS["machine"] and "tools" not in RUN_PARTS["core"]
+
+
+def test_no_function_of_the_package_is_longer_than_a_screen():
+    """Long functions hide their steps: each piece of work gets a name (MAX_FUNCTION_LINES)."""
+    long = []
+    for path in sorted(PKG.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {n} lines")
+    assert not long, long
 
 def test_the_checker_sees_imports_inside_functions(tmp_path):
     f = tmp_path / "m.py"

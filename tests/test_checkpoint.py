@@ -11,7 +11,7 @@ import torch
 
 from ptlm.errors import PtlmError
 from ptlm.run import checkpoint
-from ptlm.run.distributed import Dist
+from ptlm.run.machine.distributed import Dist
 
 ONE = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 MODEL_FILE = "mp_rank_00_model_states.pt"

@@ -15,8 +15,7 @@ import torch
 
 from ptlm.errors import PtlmError
 from ptlm.plan import probe_cache
-from ptlm.plan.dsconfig import OptimizerHyper
-from ptlm.run.distributed import free_port, shutdown
+from ptlm.run.machine.distributed import free_port, shutdown
 from tests.support import ROOT
 from tests.support import losses, tiny_model, train
 
@@ -31,8 +30,8 @@ def _plan_on_rank(rank: int, port: int, data: str, out: str, model: str, tmp: st
     import dataclasses
 
     from ptlm.commands import probe as probe_cmd
-    from ptlm.run import hardware
-    from ptlm.run import setup as runsetup
+    from ptlm.run.machine import hardware
+    from ptlm.run import preflight
     from ptlm.run.config import RunConfig
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
@@ -45,16 +44,16 @@ def _plan_on_rank(rank: int, port: int, data: str, out: str, model: str, tmp: st
                                "global_batch": 16})
     from ptlm.data.reader import PackedDataset
 
-    source = runsetup.model_source(model, True, PackedDataset(data, "train"))
+    source = preflight.model_source(model, True, PackedDataset(data, "train"))
     if rank == 1:  # this rank's own probe cache: micro-batch 1 is the largest that fits
-        mine = runsetup.plan_for(model, source.config, 64, 16, cfg.forced, 2, False)
+        mine = preflight.plan_for(model, source.config, 64, 16, cfg.forced, 2, False)
         hw = mine.hardware
         probe_cache.write_cache(probe_cache.cache_key(model, hw.gpu_name, hw.gpu_memory_bytes,
                                                       64, mine.setting, 2, documents=True),
                                 {"largest_micro_batch": 1})
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        trained = runsetup.resolve_plan(cfg, source.config, 64, 2, False)
+        trained = preflight.resolve_plan(cfg, source.config, 64, 2, False)
         args = argparse.Namespace(model=model, global_batch=16, precision=None, zero=None,
                                   offload=None, checkpointing=None, optimizer=None,
                                   chunked_loss=None, micro_batch=None, packing="documents")
@@ -65,7 +64,7 @@ def _plan_on_rank(rank: int, port: int, data: str, out: str, model: str, tmp: st
             raise PtlmError("no plan fits")
 
         with pytest.raises(PtlmError, match="no plan fits"):  # on every rank: none waits forever
-            runsetup.rank0_plan(fail)
+            preflight.rank0_plan(fail)
     finally:
         # the product's teardown: every rank past its last collective, then the groups destroyed
         # (left to interpreter exit, gloo's threads can abort the process: exit -6)
@@ -173,20 +172,16 @@ def test_the_probe_builds_the_engine_training_builds(tmp_path, demo_dataset, wei
     r = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
                         "--master_port", str(free_port()), "launch/probe.py", "--model",
                         str(weights), "--data", str(demo_dataset), "--global-batch", "8",
-                        "--zero", "3", "--micro-batch", "2", "--json"],
+                        "--zero", "3", "--micro-batch", "2", "--lr", "3e-3", "--weight-decay",
+                        "0.5", "--json"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     (entry,) = json.loads((tmp_path / "cache" / "probe.json").read_text()).values()
     trained = json.loads((zero3_decay / "engine.json").read_text())
-    # The DeepSpeed config carries the optimizer's hyper-parameters (its "optimizer" block, which
-    # ptlm builds its optimizer from); the probe has no optimizer flags and uses the defaults
-    # (they change no memory), the run --lr 3e-3 --weight-decay 0.5. Everything else is one.
-    probed_params = entry["engine"]["ds_config"]["optimizer"].pop("params")
-    trained_params = trained["ds_config"]["optimizer"].pop("params")
-    assert probed_params["lr"] == OptimizerHyper().lr and trained_params["lr"] == 3e-3
-    written = json.loads((zero3_decay / "ds_config.json").read_text())
-    written["optimizer"].pop("params")
-    assert entry["engine"]["ds_config"] == written
+    # the run's optimizer flags (--lr 3e-3 --weight-decay 0.5) given to the probe too: the
+    # whole DeepSpeed config is one, optimizer block included
+    assert trained["ds_config"]["optimizer"]["params"]["lr"] == 3e-3
+    assert entry["engine"]["ds_config"] == json.loads((zero3_decay / "ds_config.json").read_text())
     assert entry["engine"] == trained
     from transformers import AutoModelForCausalLM
 
@@ -230,7 +225,8 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 from transformers import AutoModelForCausalLM, OPTConfig
 from ptlm.plan.dsconfig import OptimizerHyper
 from ptlm.plan.setting import Forced
-from ptlm.run import distributed, setup as runsetup
+from ptlm.run.machine import distributed
+from ptlm.run import preflight
 from ptlm.run.engine import build_engine, gradient_scale
 
 model_dir, behaviours = sys.argv[1], sys.argv[2].split(",")
@@ -240,7 +236,7 @@ config = OPTConfig(vocab_size=256, hidden_size=32, ffn_dim=64, num_hidden_layers
 torch.manual_seed(0)
 AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
 distributed.init()  # one plain process: rank 0 of 1
-plan = runsetup.plan_for(model_dir, config, 32, 4, Forced(precision="fp16", zero=0,
+plan = preflight.plan_for(model_dir, config, 32, 4, Forced(precision="fp16", zero=0,
                          offload="none", optimizer="adamw", chunked_loss=True,
                          checkpointing=False), 1, on_gpu=False, use_probe_cache=False)
 ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
@@ -278,7 +274,7 @@ out = {}
 for behaviour in behaviours:
     DeepSpeedEngine.backward = {"installed": installed, "inline": inline,
                                 "wrapper": via_wrapper}[behaviour]
-    built = build_engine(plan, runsetup.ModelSource(spec=model_dir, config=config),
+    built = build_engine(plan, preflight.ModelSource(spec=model_dir, config=config),
                          OptimizerHyper(lr=1e-3))
     mean, _, _ = built.engine(ids)
     built.engine.backward(mean)

@@ -175,7 +175,7 @@ def test_hardware_validation_and_world():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
 def test_detect_without_gpu():
-    from ptlm.run.hardware import detect
+    from ptlm.run.machine.hardware import detect
 
     hw = detect()
     assert hw.gpus_per_node == 0

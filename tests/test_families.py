@@ -63,7 +63,7 @@ def test_every_family_trains_like_plain_pytorch(family, zero, tmp_path, demo_dat
 def test_family_resumes_exactly_after_a_kill(family, tmp_path, demo_dataset):
     """Two ranks, ZeRO-2, killed (-9) one step after a checkpoint, resumed: every step's loss as
     in the uninterrupted run (fp32 on CPU: bit for bit)."""
-    from ptlm.run import faults
+    from ptlm.run.machine import faults
     from tests.support import records
 
     init = saved_init(family, tmp_path / "init")

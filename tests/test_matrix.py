@@ -38,11 +38,11 @@ def _tiny_config():
 
 def _cpu_plan(monkeypatch, bf16=True, fp16=True, **forced):
     from ptlm.plan.setting import Forced
-    from ptlm.run import setup as runsetup
+    from ptlm.run import preflight
 
-    monkeypatch.setattr(runsetup, "_accelerator_bf16", lambda: bf16)
-    monkeypatch.setattr(runsetup, "_accelerator_fp16", lambda: fp16)
-    return runsetup.plan_for("tiny", _tiny_config(), 64, 8, Forced(**forced), 2, on_gpu=False,
+    monkeypatch.setattr(preflight, "_accelerator_bf16", lambda: bf16)
+    monkeypatch.setattr(preflight, "_accelerator_fp16", lambda: fp16)
+    return preflight.plan_for("tiny", _tiny_config(), 64, 8, Forced(**forced), 2, on_gpu=False,
                              use_probe_cache=False)
 
 
@@ -58,11 +58,11 @@ def test_cpu_ranks_train_forced_bf16_and_default_to_fp32(monkeypatch):
 def test_cpu_hardware_says_bf16_as_the_accelerator_does(monkeypatch):
     from deepspeed.accelerator import get_accelerator
 
-    from ptlm.run import setup as runsetup
+    from ptlm.run import preflight
 
     if get_accelerator().device_name() != "cpu":
         pytest.skip("DeepSpeed's accelerator here is not the CPU one")
-    assert runsetup.hardware(2).bf16 == get_accelerator().is_bf16_supported()
+    assert preflight.hardware(2).bf16 == get_accelerator().is_bf16_supported()
 
 
 def test_fp16_on_a_cpu_without_it_is_refused_clearly(monkeypatch):

@@ -221,7 +221,7 @@ def test_job_errors_say_the_fix(kwargs, match):
         Job(**kwargs)
 
 
-# --- against ptlm.run.memtrace (a real step of ptlm's loop under FakeTensorMode) ---------------
+# --- against ptlm.run.tools.memtrace (a real step of ptlm's loop under FakeTensorMode) ---------------
 
 def small_opt(**overrides):
     # dropout 0: on CPU torch saves dropout masks in the input dtype, on CUDA as 1-byte bools
@@ -240,7 +240,7 @@ MEMTRACE_CASES = [
 
 @pytest.mark.parametrize("setting", MEMTRACE_CASES, ids=lambda s: s.describe())
 def test_estimate_matches_memtrace(setting):
-    memtrace = pytest.importorskip("ptlm.run.memtrace")
+    memtrace = pytest.importorskip("ptlm.run.tools.memtrace")
     cfg = small_opt()
     measured = memtrace.measure_step(cfg, setting, seq_len=256)["peak_bytes"]
     predicted = estimate(ModelFacts.from_config(cfg), H100, Job(256), setting).peak_tensor_bytes
@@ -259,7 +259,7 @@ OPT125_MEMTRACE = [  # the decision-relevant settings at the size the planner se
 @pytest.mark.slow
 @pytest.mark.parametrize("setting", OPT125_MEMTRACE, ids=lambda s: s.describe())
 def test_opt125m_estimate_matches_memtrace(setting):
-    memtrace = pytest.importorskip("ptlm.run.memtrace")
+    memtrace = pytest.importorskip("ptlm.run.tools.memtrace")
     from ptlm.model.config import known_config
 
     measured = memtrace.measure_step(known_config("opt-125m"), setting, seq_len=1024)["peak_bytes"]

@@ -138,7 +138,7 @@ def test_the_profiler_misses_frees_made_on_gloo_threads(tmp_path):
 
     import torch
 
-    from ptlm.run.distributed import free_port
+    from ptlm.run.machine.distributed import free_port
 
     ctx = torch.multiprocessing.get_context("spawn")
     port = free_port()

@@ -1,4 +1,4 @@
-"""ptlm.run.memtrace: FakeTensorMode step measurements, cross-checked against real execution."""
+"""ptlm.run.tools.memtrace: FakeTensorMode step measurements, cross-checked against real execution."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, OPTConfig
 
 from ptlm.errors import PtlmError
 from ptlm.plan.setting import PLAIN_HF, Setting
-from ptlm.run.memtrace import measure_step
+from ptlm.run.tools.memtrace import measure_step
 from tests import support
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,7 +124,7 @@ DEEPSPEED_SCRIPT = textwrap.dedent("""
     from torch.distributed._tools.mem_tracker import MemTracker
     from transformers import OPTConfig
     from ptlm.model.loss import causal_lm_loss
-    from ptlm.run.memtrace import measure_step
+    from ptlm.run.tools.memtrace import measure_step
     from ptlm.model.load import load_model
     from ptlm.model.optim import build_optimizer
     from ptlm.plan.setting import Setting

@@ -35,7 +35,7 @@ def test_peak_is_the_one_of_the_precision_used():
 
 
 def test_opt125m_fp32_on_a_t4_the_plan_and_the_run_say_the_same(tmp_path):
-    from ptlm.run import report, trainer
+    from ptlm.run import report, state, trainer
 
     facts = model_facts("opt-125m")
     assert facts.parameters == OPT125_PARAMETERS == 125_239_296
@@ -52,7 +52,7 @@ def test_opt125m_fp32_on_a_t4_the_plan_and_the_run_say_the_same(tmp_path):
     # The run: trainer.setup's figures on a GPU (flops per token of the plan's model, the peak
     # of the plan's precision), then log_step for a step at the plan's tokens/s.
     run = SimpleNamespace(
-        state=trainer.RunState(step=1, micro_batch=p.micro_batch), plan=p,
+        state=state.RunState(step=1, micro_batch=p.micro_batch), plan=p,
         val=SimpleNamespace(seq_len=1024), loader=SimpleNamespace(epoch=0),
         engine=SimpleNamespace(get_lr=lambda: [1e-4], get_global_grad_norm=lambda: 1.0),
         state_grad_norm=1.0, dist=SimpleNamespace(world_size=1), total_steps=1,

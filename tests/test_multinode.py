@@ -30,8 +30,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ptlm.run import faults
-from ptlm.run.distributed import free_port
+from ptlm.run.machine import faults
+from ptlm.run.machine.distributed import free_port
 from tests.support import ROOT
 from tests.support import losses, records, tiny_model
 

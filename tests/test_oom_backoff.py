@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from ptlm.run import faults
+from ptlm.run.machine import faults
 from bench import matrix_reference as mx
 from tests.support import losses, records
 from tests.support import train as train_run
@@ -82,13 +82,13 @@ def test_the_plan_after_a_micro_batch_change_is_evaluated_at_that_micro_batch():
     from ptlm.plan.facts import KNOWN_GPUS, GiB, HardwareFacts
     from ptlm.plan.memory import Job
     from ptlm.plan.planner import Plan, plan
-    from ptlm.run.trainer import plan_with_micro_batch
+    from ptlm.plan.planner import with_micro_batch
 
     facts = model_facts("opt-125m")
     t4 = HardwareFacts.from_spec(KNOWN_GPUS["T4"], 1, host_memory_bytes=64 * GiB)
     planned = plan(facts, t4, Job(1024, 16))
     assert (planned.micro_batch, planned.grad_accum) == (8, 2)
-    halved = plan_with_micro_batch(planned, 4)
+    halved = with_micro_batch(planned, 4)
     forced = plan(facts, t4, Job(1024, 16), planned.setting.with_(micro_batch=4).to_dict())
     assert halved.chosen == forced.chosen
     assert (halved.micro_batch, halved.grad_accum, halved.global_batch) == (4, 4, 16)

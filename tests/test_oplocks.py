@@ -7,7 +7,7 @@ import time
 import pytest
 
 from ptlm.errors import PtlmError
-from ptlm.run import oplocks
+from ptlm.run.machine import oplocks
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def test_stale_lock_on_a_local_disk_is_removed_and_named(ext, caplog):
     lock = ext / "cpu_adam" / "lock"
     lock.touch()  # what a build killed midway leaves
     assert oplocks.holders(lock) == []
-    with caplog.at_level("WARNING", logger="ptlm.run.oplocks"):
+    with caplog.at_level("WARNING", logger="ptlm.run.machine.oplocks"):
         assert oplocks.check_op_locks(poll_s=0.01) == [lock]
     assert not lock.exists()
     assert f"removed {lock}: a stale lock of DeepSpeed op 'cpu_adam'" in caplog.text
@@ -56,7 +56,7 @@ def test_a_live_build_is_waited_for_loudly_and_its_lock_left_alone(ext, caplog):
         "print('held', flush=True); time.sleep(1.5); os.close(fd); os.remove(sys.argv[1])"),
         str(lock)], stdout=subprocess.PIPE, text=True)
     assert builder.stdout.readline().strip() == "held"
-    with caplog.at_level("WARNING", logger="ptlm.run.oplocks"):
+    with caplog.at_level("WARNING", logger="ptlm.run.machine.oplocks"):
         assert oplocks.check_op_locks(wait_s=0.1, poll_s=0.05) == []
     assert builder.wait(timeout=10) == 0  # its own remove() found the file: not raced
     assert f"waiting for process(es) {builder.pid} building DeepSpeed op 'cpu_adam'" in caplog.text
@@ -67,7 +67,7 @@ def test_fs_type_of_a_path():
 
 
 def test_distributed_init_checks_the_locks_before_deepspeed(monkeypatch):
-    from ptlm.run import distributed
+    from ptlm.run.machine import distributed
 
     def stale(*a, **k):
         raise PtlmError("stale lock")

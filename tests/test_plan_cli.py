@@ -145,14 +145,14 @@ def test_setting_flags_keep_their_spelling_and_refuse_bad_values():
 
 
 def test_one_hardware_builder_for_the_flags_and_the_run(monkeypatch):
-    """`ptlm plan`'s flags and the run's machine come from one builder (ptlm.run.hardware.facts):
+    """`ptlm plan`'s flags and the run's machine come from one builder (ptlm.run.machine.hardware.facts):
     the flags give the table's GPU; a run on this GPU-less machine plans for its CPU ranks, the
     host's memory split across the ranks of a node."""
     import psutil
 
     from ptlm.commands.flags import add_hardware_arguments, hardware_from_args
     from ptlm.plan.facts import KNOWN_GPUS, GiB, HardwareFacts
-    from ptlm.run import setup as runsetup
+    from ptlm.run import preflight
 
     parser = argparse.ArgumentParser()
     add_hardware_arguments(parser)
@@ -162,8 +162,8 @@ def test_one_hardware_builder_for_the_flags_and_the_run(monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("the CPU-rank facts are for a machine without a GPU")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    monkeypatch.setattr(runsetup, "_accelerator_bf16", lambda: True)
-    cpu = runsetup.hardware(4)  # 4 ranks, 2 per node
+    monkeypatch.setattr(preflight, "_accelerator_bf16", lambda: True)
+    cpu = preflight.hardware(4)  # 4 ranks, 2 per node
     host = psutil.virtual_memory().total
     assert (cpu.gpu_name, cpu.device_type, cpu.gpus_per_node, cpu.nodes) == ("cpu", "cpu", 2, 2)
     assert cpu.gpu_memory_bytes == host // 2 and cpu.host_memory_bytes == host and cpu.bf16

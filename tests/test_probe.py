@@ -8,7 +8,7 @@ import pytest
 from ptlm.errors import PtlmError
 from ptlm.plan import probe_cache
 from ptlm.plan.setting import Setting
-from ptlm.run.distributed import free_port
+from ptlm.run.machine.distributed import free_port
 from tests.support import ROOT
 from tests.support import tiny_model
 

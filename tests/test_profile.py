@@ -1,5 +1,5 @@
 """Measured model facts (ptlm.model.profile) for families without hand formulas: the planner's
-predicted peak against a whole training step measured under FakeTensorMode (ptlm.run.memtrace,
+predicted peak against a whole training step measured under FakeTensorMode (ptlm.run.tools.memtrace,
 which shares no code with the profile's per-layer fit), the hand readers against the measured
 path, and the planner and its errors for saved configs of each family."""
 
@@ -44,7 +44,7 @@ def profile_cache(tmp_path_factory, monkeypatch):
 
 def _predicted_and_measured(family, seq, micro, precision, checkpointing, chunked,
                             documents=False):
-    from ptlm.run.memtrace import measure_step
+    from ptlm.run.tools.memtrace import measure_step
 
     config = FAMILIES[family]()
     setting = Setting(precision=precision, checkpointing=checkpointing, chunked_loss=chunked,
@@ -165,7 +165,7 @@ LOGIT_TRANSFORMS = {  # (config, the attention transformers builds it with)
 def test_logit_transforms_and_eager_attention_are_planned_within_ten_percent(name):
     """Soft-capped (Gemma 2, eager attention with its seq x seq scores) and scaled logits
     (Cohere, Granite): the loss runs unchunked and the plan still matches a measured step."""
-    from ptlm.run.memtrace import measure_step
+    from ptlm.run.tools.memtrace import measure_step
 
     make, attn = LOGIT_TRANSFORMS[name]
     config = make()

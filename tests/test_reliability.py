@@ -17,7 +17,8 @@ import time
 import pytest
 
 from ptlm.errors import PtlmError
-from ptlm.run import checkpoint, faults, lock
+from ptlm.run import checkpoint
+from ptlm.run.machine import faults, lock
 from tests.support import DEMO_CORPUS, ROOT
 from tests.support import losses, records, tiny_model, train
 
@@ -198,7 +199,7 @@ def test_a_second_run_into_the_same_folder_is_refused(tmp_path, demo_dataset, dr
 def test_the_lock_is_exclusive_and_dies_with_its_process(tmp_path):
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; sys.path.insert(0, sys.argv[1]); from ptlm.run import lock; "
+        "import sys, time; sys.path.insert(0, sys.argv[1]); from ptlm.run.machine import lock; "
         "lock.acquire(sys.argv[2]); print('locked', flush=True); time.sleep(60)"),
         str(ROOT), str(out)], stdout=subprocess.PIPE, text=True)
     try:
@@ -267,13 +268,13 @@ def test_a_smaller_vocabulary_is_refused_before_step_1(tmp_path, gpt2_data, capl
     """A 500-row model on GPT-2 data: refused (it used to be resized silently); with
     --allow-new-tokenizer it goes on, with a warning that says what happens."""
     from ptlm.data.reader import PackedDataset
-    from ptlm.run.setup import check_tokenizer
+    from ptlm.run.preflight import check_tokenizer
 
     model = small_pretrained(tmp_path / "small")
     data = PackedDataset(gpt2_data)
     with pytest.raises(PtlmError, match="50,257 tokens, the model .* has 500 embedding rows"):
         check_tokenizer(run_cfg(gpt2_data, tmp_path / "o", model), data)
-    with caplog.at_level("WARNING", logger="ptlm.run.setup"):
+    with caplog.at_level("WARNING", logger="ptlm.run.preflight"):
         check_tokenizer(run_cfg(gpt2_data, tmp_path / "o", model, allow_new_tokenizer=True), data)
     assert "--allow-new-tokenizer" in caplog.text and "resized from 500 to 50,257" in caplog.text
 
@@ -283,7 +284,7 @@ def test_the_models_own_tokenizer_must_be_the_datas(tmp_path, demo_dataset, gpt2
     """Same vocabulary size, other tokenizer: the ids mean other words. Refused unless
     --allow-new-tokenizer; the same tokenizer (copied with the model) passes."""
     from ptlm.data.reader import PackedDataset
-    from ptlm.run.setup import check_tokenizer
+    from ptlm.run.preflight import check_tokenizer
 
     demo = PackedDataset(demo_dataset)
     ours = small_pretrained(tmp_path / "ours", 1024, demo_dataset / "tokenizer")
@@ -672,7 +673,7 @@ def test_eos_is_trained_as_an_input_in_from_scratch_runs(tmp_path, demo_dataset,
 
     from ptlm.data.reader import PackedDataset
     from ptlm.model.load import load_model
-    from ptlm.run.setup import model_source
+    from ptlm.run.preflight import model_source
 
     data = PackedDataset(demo_dataset, "train")
     eos = data.manifest["eos_id"]

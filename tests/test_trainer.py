@@ -15,8 +15,8 @@ import torch
 
 from bench.matrix_reference import hf_val_perplexity
 from ptlm.errors import PtlmError
-from ptlm.run import faults
-from ptlm.run.distributed import free_port
+from ptlm.run.machine import faults
+from ptlm.run.machine.distributed import free_port
 from tests.support import ROOT, losses, records, tiny_model, train
 
 
@@ -170,7 +170,7 @@ def make_cfg(data, out, model, **kw):
 
 def test_seq_len_above_positions_fails_before_training(tmp_path, demo_dataset):
     from ptlm.data.reader import PackedDataset
-    from ptlm.run.setup import model_source
+    from ptlm.run.preflight import model_source
 
     model = tiny_model(tmp_path / "short", positions=32)  # the data's blocks are 64 tokens
     with pytest.raises(PtlmError, match="seq_len 64 is above the 32 positions"):
@@ -179,7 +179,7 @@ def test_seq_len_above_positions_fails_before_training(tmp_path, demo_dataset):
 
 def test_tokenizer_mismatch_fails(tmp_path, demo_dataset, shared_gpt2_tokenizer):
     from ptlm.data.reader import PackedDataset
-    from ptlm.run.setup import check_tokenizer
+    from ptlm.run.preflight import check_tokenizer
 
     cfg = make_cfg(demo_dataset, tmp_path / "o", "opt-125m", tokenizer=str(shared_gpt2_tokenizer))
     with pytest.raises(PtlmError, match="is not the tokenizer"):
@@ -196,7 +196,7 @@ def test_pretrained_model_with_a_smaller_vocab_is_refused_or_resized_when_allowe
 
     from ptlm.data.reader import PackedDataset
     from ptlm.run.engine import setup_model
-    from ptlm.run.setup import check_tokenizer, model_source
+    from ptlm.run.preflight import check_tokenizer, model_source
 
     small = tmp_path / "small"
     OPTForCausalLM(OPTConfig(vocab_size=500, hidden_size=32, num_hidden_layers=1, ffn_dim=64,
@@ -264,7 +264,7 @@ def test_grad_norm_of_loss_scaled_fp16_gradients_is_finite():
     first fp16 ZeRO-0 step reported an infinite norm. Reference: the fp32 norm, then unscaled."""
     from torch import nn
 
-    from ptlm.run.trainer import grad_norm
+    from ptlm.run.step import grad_norm
 
     torch.manual_seed(0)
     model = nn.Linear(64, 64).half()

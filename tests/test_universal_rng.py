@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ptlm.run import checkpoint
-from ptlm.run.distributed import Dist
+from ptlm.run.machine.distributed import Dist
 
 
 class FakeEngine:

@@ -131,7 +131,7 @@ def _print_sample(model_dir: Path) -> None:
     from transformers import AutoTokenizer
 
     from ptlm.model.load import load_model
-    from ptlm.run.generate import generate
+    from ptlm.run.tools.generate import generate
 
     model = load_model(str(model_dir), precision="fp32").eval()
     tok = AutoTokenizer.from_pretrained(str(model_dir))

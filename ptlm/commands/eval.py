@@ -13,7 +13,7 @@ from ptlm.data.documents import DEFAULT_PACKING, PACKINGS
 from ptlm.errors import PtlmError
 from ptlm.model.config import max_positions
 from ptlm.run.evaluate import evaluate_blocks, evaluate_text, model_forward
-from ptlm.run.setup import tokenizer_problems
+from ptlm.run.preflight import tokenizer_problems
 
 
 DEFAULT_STRIDE = 512  # tokens; each window re-reads max_length - stride tokens of context
@@ -97,7 +97,7 @@ def run(args) -> int:
 
 
 def _check_data_tokenizer(spec: str, model, dataset: PackedDataset) -> None:
-    """The data must be in the model's token ids (ptlm.run.setup.tokenizer_problems, the
+    """The data must be in the model's token ids (ptlm.run.preflight.tokenizer_problems, the
     check training makes): else the perplexity would mean nothing."""
     problems = tokenizer_problems(spec, model.get_input_embeddings().weight.shape[0], dataset)
     if problems:

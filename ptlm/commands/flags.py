@@ -13,7 +13,7 @@ from dataclasses import MISSING, fields, is_dataclass
 from ptlm.errors import PtlmError
 from ptlm.plan.facts import KNOWN_GPUS, HardwareFacts, lookup_gpu
 from ptlm.plan.setting import Forced
-from ptlm.run import hardware  # the only module that touches torch.cuda / psutil (lazily)
+from ptlm.run.machine import hardware  # the only module that touches torch.cuda / psutil (lazily)
 from ptlm.run.config import field_type
 from ptlm.units import parse_size
 
@@ -105,7 +105,7 @@ def add_hardware_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def hardware_from_args(args: argparse.Namespace) -> HardwareFacts:
-    """--gpu / --gpus / --gpu-memory, else this machine's GPUs (ptlm.run.hardware.facts)."""
+    """--gpu / --gpus / --gpu-memory, else this machine's GPUs (ptlm.run.machine.hardware.facts)."""
     for flag, value, what in (("--gpus", args.gpus, "GPUs per node"), ("--nodes", args.nodes,
                                                                       "nodes")):
         if value is not None and value < 1:

@@ -8,7 +8,7 @@ import torch
 
 from ptlm import hub
 from ptlm.errors import PtlmError
-from ptlm.run.generate import generate
+from ptlm.run.tools.generate import generate
 
 
 def add_arguments(p) -> None:

@@ -86,8 +86,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def verify(model_spec: str, p: Plan) -> dict:
-    """Measure the chosen setting's step under FakeTensorMode + MemTracker (ptlm.run.memtrace)."""
-    from ptlm.run.memtrace import measure_step  # torch: only with --verify
+    """Measure the chosen setting's step under FakeTensorMode + MemTracker (ptlm.run.tools.memtrace)."""
+    from ptlm.run.tools.memtrace import measure_step  # torch: only with --verify
 
     setting = p.setting
     if setting.zero != 0 or setting.offload != "none":

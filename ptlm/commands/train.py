@@ -9,7 +9,7 @@ from pathlib import Path
 from ptlm.commands.flags import add_dataclass_arguments, dataclass_values
 from ptlm.errors import PtlmError
 from ptlm.run.config import RunConfig, option_owners
-from ptlm.run.distributed import shutdown
+from ptlm.run.machine.distributed import shutdown
 from ptlm.run.trainer import train
 
 

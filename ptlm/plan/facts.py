@@ -11,7 +11,7 @@ against the measured path):
   profile arrives here as plain numbers.
 
 `HardwareFacts` describes the GPUs, how many, and the host. `KNOWN_GPUS` holds vendor figures for
-common cards; `ptlm.run.hardware.detect()` is the only code that asks torch/psutil about this
+common cards; `ptlm.run.machine.hardware.detect()` is the only code that asks torch/psutil about this
 machine.
 """
 

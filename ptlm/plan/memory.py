@@ -11,7 +11,7 @@ The step has two memory peaks and the larger one counts:
 micro-batch, h hidden, f MLP width, V vocabulary, L layers. docs/planner.md derives every term.
 
 Calibration (tests/test_memory.py, docs/planner.md): the plain-HF OPT-125M peaks measured with
-FakeTensorMode + MemTracker (docs/reference-figures.md) and ptlm.run.memtrace's
+FakeTensorMode + MemTracker (docs/reference-figures.md) and ptlm.run.tools.memtrace's
 measurements of ptlm's own step are reproduced within 10% (most within 5%). The ZeRO stages and
 offloads are checked against the real DeepSpeed 0.19.8 engine on 2 CPU ranks, every live tensor
 byte counted from the allocator (bench/bench_zero_memory.py, tests/test_memory_zero.py,
@@ -105,7 +105,7 @@ HEAD_SAVED_TENSORS = 2
 # Gradient checkpointing keeps each layer's input; the backward recomputes one layer at a time.
 CHECKPOINT_SAVED_TENSORS_PER_LAYER = 1
 # While one layer runs its backward, the gradients of its activations are live: about one MLP-wide
-# and four hidden-wide tensors in the activation dtype (calibrated on ptlm.run.memtrace, OPT-125M:
+# and four hidden-wide tensors in the activation dtype (calibrated on ptlm.run.tools.memtrace, OPT-125M:
 # 0.33 GiB fp32 / 0.24 GiB bf16 at 16×1024), plus the gradient flowing down the residual stream.
 LAYER_GRAD_FFN_TENSORS = 1
 LAYER_GRAD_HIDDEN_TENSORS = 4

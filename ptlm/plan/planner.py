@@ -282,6 +282,23 @@ def at_micro_batch(model: ModelFacts, hw: HardwareFacts, job: Job, setting: Sett
     return _candidate(model, hw, job, setting, accum, global_batch)
 
 
+
+def with_micro_batch(p: Plan, micro: int, global_batch: int | None = None) -> Plan:
+    """`p` at another micro-batch, accumulation making up its global batch (or `global_batch`),
+    its memory and tokens/s evaluated again for that micro-batch: the plan of a run that backed
+    off after running out of memory, of a resume at the checkpoint's micro-batch, of a probe
+    trial. The planner's own choice is noted when the micro-batch differs from it."""
+    global_batch = global_batch or p.global_batch
+    per_rank = global_batch // p.hardware.world
+    if micro < 1 or per_rank % micro:
+        raise PtlmError(f"micro-batch {micro} does not divide the {per_rank} sequences per rank")
+    job = replace(p.job, global_batch=global_batch)  # the global batch trained, not the asked
+    chosen = at_micro_batch(p.model, p.hardware, job, p.setting.with_(micro_batch=micro))
+    note = (f"micro-batch {micro} (planned {p.micro_batch}) was set by the run: an "
+            "out-of-memory back-off, or the resumed checkpoint's")
+    return replace(p, chosen=chosen,
+                   notes=[*p.notes, note] if micro != p.micro_batch else list(p.notes))
+
 def _candidate(model: ModelFacts, hw: HardwareFacts, job: Job, chosen: Setting, accum: int,
                global_batch: int) -> Candidate:
     step = step_seconds(model, hw, job, chosen, accum)

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from ptlm.errors import PtlmError
-from ptlm.run import faults
-from ptlm.run.distributed import Dist, all_reduce_sum, any_rank, barrier
+from ptlm.run.machine import faults
+from ptlm.run.machine.distributed import Dist, all_reduce_sum, any_rank, barrier
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,6 @@
 """One DeepSpeed engine builder, for training (ptlm.run.trainer) and `ptlm probe` alike: the probe
-measures exactly the engine a run with the same plan trains.
+measures exactly the engine a run with the same plan trains; `rebuild` is the one way either
+changes the micro-batch.
 
     build_engine(plan, source, hyper)
       engine_config     the exact DeepSpeed config (ptlm.plan.dsconfig.engine_config, the file
@@ -17,10 +18,13 @@ measures exactly the engine a run with the same plan trains.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ptlm.errors import PtlmError
@@ -30,8 +34,8 @@ from ptlm.model.profile import packing_mechanism
 from ptlm.model.optim import build_optimizer, full_shape
 from ptlm.plan.dsconfig import OptimizerHyper, engine_config, optimizer_params
 from ptlm.plan.planner import Plan
-from ptlm.run.distributed import decided_by_rank0
-from ptlm.run.setup import ModelSource
+from ptlm.run.machine.distributed import decided_by_rank0
+from ptlm.run.preflight import ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +86,26 @@ def build_engine(plan: Plan, source: ModelSource, hyper: OptimizerHyper,
     return Engine(engine=engine, model=model, ds_config=ds_config, plan=plan,
                   parameters=parameter_count(model), embedding_rows=embedding_rows(model),
                   optimizer=name, packing=packed)
+
+
+def rebuild(build: Callable[[Plan], Engine], plan: Plan, release: Callable[[], None],
+            restore: Callable[[object], object] | None = None) -> Engine:
+    """The one way ptlm changes an engine's micro-batch (an out-of-memory back-off, a resume at a
+    backed-off run's micro-batch, each `ptlm probe` trial): a fresh engine built for `plan`.
+
+    DeepSpeed's set_train_micro_batch_size changes a count only; an engine stopped inside a
+    step (the out-of-memory error) also holds partial gradients, ZeRO-1/2 buckets and ZeRO-3's
+    gathered parameters, so a new engine is the state that is known to be clean. release()
+    drops the caller's references to the old engine first: its memory is what ran out.
+    restore(engine), when given, fills the new one (DeepSpeed's load_checkpoint)."""
+    release()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    built = build(plan)
+    if restore is not None:
+        restore(built.engine)
+    return built
 
 
 # What each mechanism runs as, per attention implementation, for the log and engine.json.

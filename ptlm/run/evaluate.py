@@ -20,7 +20,7 @@ from ptlm.errors import PtlmError
 from ptlm.model.forward import LossModule
 from ptlm.model.loss import IGNORE_INDEX, causal_lm_loss
 from ptlm.model.profile import packing_mechanism
-from ptlm.run.distributed import all_reduce_sum
+from ptlm.run.machine.distributed import all_reduce_sum
 
 # forward(input_ids (B, T), labels (B, T), positions (B, T) or None) -> (mean, nll_sum, n_tokens)
 ForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], tuple]

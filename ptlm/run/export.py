@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ptlm.model.load import restore_use_cache
-from ptlm.run.distributed import Dist, barrier
+from ptlm.run.machine.distributed import Dist, barrier
 
 log = logging.getLogger(__name__)
 

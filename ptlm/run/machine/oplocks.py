@@ -6,7 +6,7 @@ through torch.utils.cpp_extension, which serializes builds with a lock *file*
 (O_EXCL), keeps it open while it builds, and removes it at the end. A build killed midway leaves
 the file behind, and torch's FileBaton then polls for it to vanish, silently and forever.
 
-`check_op_locks()` runs before DeepSpeed starts (ptlm.run.distributed.init). For each lock file:
+`check_op_locks()` runs before DeepSpeed starts (ptlm.run.machine.distributed.init). For each lock file:
   - a process of this host holds it open (found in /proc/PID/fd): a build is running; wait for
     it, saying who builds, every LOG_EVERY_S seconds;
   - no process holds it, on a local file system: provably stale; removed, with a warning (seen
@@ -235,11 +235,3 @@ def prebuild_ops(names: tuple[str, ...] = ("CPUAdamBuilder",)) -> list[str]:
         built.append(builder.name)
     return built
 
-
-if __name__ == "__main__":  # python -m ptlm.run.oplocks: check locks, then prebuild the ops
-    logging.basicConfig(level=logging.INFO, format="[ptlm %(levelname)s] %(message)s")
-    try:
-        print("prebuilt DeepSpeed ops:", ", ".join(prebuild_ops()) or "none")
-    except PtlmError as e:
-        print(f"ptlm: error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)

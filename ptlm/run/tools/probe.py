@@ -1,8 +1,9 @@
 """`ptlm probe` (also `deepspeed launch/probe.py`): confirm a plan on the real device.
 
 Runs real training steps of the planned setting on random tokens, searching the largest
-micro-batch that fits: an out-of-memory error is caught, memory freed, and a smaller micro-batch
-tried (every rank agrees on each outcome, so ranks never diverge). Measured
+micro-batch that fits, each trial in an engine built for its micro-batch (ptlm.run.engine.rebuild,
+as the run's out-of-memory back-off builds one): an out-of-memory error is caught, memory freed,
+and a smaller micro-batch tried (every rank agrees on each outcome, so ranks never diverge). Measured
 `torch.cuda.max_memory_allocated` / `max_memory_reserved` are printed beside the prediction and the
 result is cached; `launch/train.py --plan auto` then never plans a micro-batch above what the probe
 saw fit on this GPU.
@@ -23,8 +24,10 @@ import torch
 from ptlm.data.reader import Batch
 from ptlm.model.packing import stand_in_positions
 from ptlm.plan.memory import estimate
+from ptlm.plan.planner import with_micro_batch
 from ptlm.plan.probe_cache import cache_path
-from ptlm.run.distributed import any_rank
+from ptlm.run.engine import rebuild
+from ptlm.run.machine.distributed import any_rank
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +37,17 @@ PROBE_STEPS = 2  # optimizer steps per trial: the 2nd has optimizer states (stea
 # ------------------------------------------------------------------------------ trials
 
 class Trials:
-    """Real steps of one DeepSpeed engine at a given micro-batch; OOM-safe and rank-agreed."""
+    """Real steps at a given micro-batch, each trial in an engine built for it; OOM-safe and
+    rank-agreed."""
 
-    def __init__(self, engine, dist, plan, batches, simulate_bytes: int | None) -> None:
-        """batches(micro) -> the Batch one micro-step of the run would take (probe_batches)."""
-        self.engine, self.dist, self.plan = engine, dist, plan
+    def __init__(self, build, dist, plan, batches, simulate_bytes: int | None) -> None:
+        """build(plan) -> Engine (ptlm.run.engine.build_engine, as the run builds it);
+        batches(micro) -> the Batch one micro-step of the run would take (probe_batches)."""
+        self.build, self.dist, self.plan = build, dist, plan
         self.batches, self.simulate_bytes = batches, simulate_bytes
         self.results: dict[int, dict] = {}
+        self.engine = None
+        self.record: dict | None = None  # the last engine's (Engine.record)
 
     def predicted(self, micro: int) -> int:
         p = self.plan
@@ -53,7 +60,7 @@ class Trials:
             peak = self._steps(micro, predicted)
         except torch.OutOfMemoryError:
             oom, peak = True, None
-        self._free()
+        self._release()
         oom = any_rank(oom, self.dist.device)
         self.results[micro] = {"fits": not oom, **(peak or {}),
                                "predicted_bytes": predicted}
@@ -63,19 +70,22 @@ class Trials:
         return not oom
 
     def _steps(self, micro: int, predicted: int) -> dict:
-        engine = self.engine
+        """PROBE_STEPS optimizer steps of `accum` micro-steps in an engine built for `micro`
+        (ptlm.run.engine.rebuild: how the run changes its micro-batch too)."""
         per_gpu = self.plan.global_batch // self.dist.world_size
         accum = min(per_gpu // micro, 2)  # 2 micro-steps show the accumulation's held grads
-        engine.set_train_micro_batch_size(micro)
-        engine.set_train_batch_size(micro * accum * self.dist.world_size)
+        plan = with_micro_batch(self.plan, micro, micro * accum * self.dist.world_size)
+        built = rebuild(self.build, plan, self._release)
+        self.engine, self.record = built.engine, built.record()
+        del built  # the trial's engine is self.engine alone: _release frees it
         for step in range(PROBE_STEPS):
             if step == PROBE_STEPS - 1 and torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             for _ in range(accum):
                 batch = self.batches(micro)
-                mean, _, _ = engine(batch.input_ids, None, batch.positions)
-                engine.backward(mean)
-                engine.step()
+                mean, _, _ = self.engine(batch.input_ids, None, batch.positions)
+                self.engine.backward(mean)
+                self.engine.step()
         if self.simulate_bytes is not None and predicted > self.simulate_bytes:
             raise torch.OutOfMemoryError(f"simulated: predicted peak above "
                                          f"{self.simulate_bytes} bytes")
@@ -84,8 +94,9 @@ class Trials:
                     "max_reserved": torch.cuda.max_memory_reserved()}
         return {}
 
-    def _free(self) -> None:
-        self.engine.zero_grad()
+    def _release(self) -> None:
+        """Drop the trial's engine (the next one is built after the memory is free)."""
+        self.engine = None  # DeepSpeed's engine frees its hooks and buffers when collected
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ptlm.errors import PtlmError
-from ptlm.run import oplocks
+from ptlm.run.machine import oplocks
 
 LOG_FORMAT = "[%(asctime)s rank {rank}/{world} %(levelname)s %(name)s] %(message)s"
 # DeepSpeed's CPU backend gives each rank a POSIX shared-memory segment of ~66 MiB when every rank

@@ -24,9 +24,9 @@ from ptlm.plan.facts import HardwareFacts
 from ptlm.plan.memory import Job
 from ptlm.plan.planner import Plan, plan
 from ptlm.plan.setting import Forced
-from ptlm.run import hardware as machine
-from ptlm.run.config import RunConfig
-from ptlm.run.distributed import decided_by_rank0
+from ptlm.run.machine import hardware as machine
+from ptlm.run.config import Optimization, RunConfig
+from ptlm.run.machine.distributed import decided_by_rank0
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,6 @@ def check_tokenizer(cfg: RunConfig, data: PackedDataset) -> None:
     from pathlib import Path
 
     info = data.manifest["tokenizer"]
-    data_tok = Path(data.tokenizer_path) / "tokenizer.json"
     if cfg.what.tokenizer:
         path = Path(cfg.what.tokenizer) / "tokenizer.json"
         if not path.exists():
@@ -234,9 +233,8 @@ def plan_for(spec: str, config, seq_len: int, global_batch: int, forced: Forced,
     return p
 
 
-def optimizer_hyper(cfg: RunConfig) -> dsconfig.OptimizerHyper:
+def optimizer_hyper(o: Optimization) -> dsconfig.OptimizerHyper:
     """The run's optimizer hyper-parameters, as the DeepSpeed config carries them."""
-    o = cfg.optim
     return dsconfig.OptimizerHyper(lr=o.lr, betas=o.betas, eps=o.eps,
                                    weight_decay=o.weight_decay, gradient_clipping=o.grad_clip)
 
