@@ -12,6 +12,7 @@ from ptlm.data import PackedDataset
 from ptlm.data.documents import DEFAULT_PACKING, PACKINGS
 from ptlm.errors import PtlmError
 from ptlm.model.config import max_positions
+from ptlm.model.positions import check_length
 from ptlm.run.evaluate import evaluate_blocks, evaluate_text, model_forward
 from ptlm.run.preflight import tokenizer_problems
 
@@ -55,9 +56,9 @@ def run(args) -> int:
     if args.data:
         dataset = PackedDataset(args.data, args.split, packing=args.packing)
         _check_data_tokenizer(args.model, model, dataset)
-        if positions is not None and dataset.seq_len > positions:
-            raise PtlmError(f"{args.data} has blocks of {dataset.seq_len} tokens, above the "
-                            f"{positions} positions of {args.model}")
+        check_length(model.config, dataset.seq_len, f"{args.data}'s blocks of "
+                     f"{dataset.seq_len} tokens", f"model {args.model}",
+                     lambda n: f"prepare the data again with --seq-len {n} or less")
         res = evaluate_blocks(model_forward(model, packing=args.packing), dataset,
                               args.micro_batch, device=device,
                               max_blocks=args.max_blocks)
@@ -67,9 +68,9 @@ def run(args) -> int:
     else:
         from transformers import AutoTokenizer
 
-        if positions is not None and args.max_length is not None and args.max_length > positions:
-            raise PtlmError(f"--max-length {args.max_length} is above the {positions} positions "
-                            f"of {args.model}; give --max-length {positions} or less")
+        if args.max_length is not None:
+            check_length(model.config, args.max_length, f"--max-length {args.max_length}",
+                         f"model {args.model}", lambda n: f"give --max-length {n} or less")
         tok = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
         try:
             text = "\n\n".join(p.read_text(encoding="utf-8") for p in args.text)

@@ -1,5 +1,5 @@
 """`ptlm prepare`: tokenize, pack and shard a corpus into Arrow files (never imports torch unless
---model asks for a model's positions)."""
+--model asks for a model's positions: ptlm.model.positions builds it on the meta device)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 
 from ptlm.data import sources
 from ptlm.data.prepare import PrepareConfig, prepare, summary
-from ptlm.model.config import max_positions, resolve_config  # transformers only when called
+from ptlm.model.config import resolve_config  # transformers only when called
+from ptlm.model.positions import check_length  # torch only when called
 from ptlm.units import parse_size
 
 
@@ -53,7 +54,6 @@ def config_from_args(args) -> PrepareConfig:
     return PrepareConfig(
         sources=args.sources, out=args.out, seq_len=args.seq_len, tokenizer=args.tokenizer,
         train_tokenizer=args.train_tokenizer, eos_token=args.eos_token, model=args.model,
-        model_positions=_model_positions(args.model) if args.model else None,
         val_fraction=args.val_fraction, seed=args.seed, num_proc=args.num_proc,
         overwrite=args.overwrite, shard_bytes=parse_size(args.shard_size),
         source_options=sources.SourceOptions(
@@ -62,12 +62,11 @@ def config_from_args(args) -> PrepareConfig:
         progress=False if args.no_progress else None)
 
 
-def _model_positions(spec: str) -> int | None:
-    return max_positions(resolve_config(spec))
-
-
 def run(args) -> int:
     cfg = config_from_args(args)
+    if cfg.model:  # before any tokenizing: a learned position table is a hard limit
+        check_length(resolve_config(cfg.model), cfg.seq_len, f"--seq-len {cfg.seq_len}",
+                     f"model {cfg.model}", lambda n: f"use --seq-len {n} or less")
     manifest = prepare(cfg)
     print(f"wrote {cfg.out}")
     print(summary(manifest))

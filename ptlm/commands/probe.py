@@ -117,9 +117,10 @@ def _run(args) -> int:
     hw = p.hardware
     key = cache_key(args.model, hw.gpu_name, hw.gpu_memory_bytes, args.seq_len, p.setting,
                     dist.world_size, p.job.documents)
-    # the engine a run at the largest micro-batch that fits builds (its DeepSpeed config; the
-    # model, optimizer and packing path the trials ran)
-    run_plan = with_micro_batch(p, largest) if largest else p
+    # the engine a run of this plan builds: at the planned micro-batch, or at the probe's largest
+    # when that is smaller (plan_for lowers it so); the model, optimizer and packing path are
+    # the ones the trials ran
+    run_plan = with_micro_batch(p, largest) if 0 < largest < p.micro_batch else p
     engine = {**trials.record, "ds_config": engine_config(run_plan, hyper, args.ds_config),
               "setting": run_plan.setting.to_dict()}
     result = {"largest_micro_batch": largest, "planned_micro_batch": p.micro_batch,

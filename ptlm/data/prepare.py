@@ -57,8 +57,9 @@ class PrepareConfig:
     tokenizer: str | None = None
     train_tokenizer: int | None = None  # vocab size of a BPE to train on the corpus
     eos_token: str | None = None
-    model: str | None = None  # the model --model_positions was read from (for messages)
-    model_positions: int | None = None  # check seq_len against these positions
+    # --model: seq_len was checked against its positions by the command (ptlm.model.positions,
+    # which the data layer cannot import); the tokenizer's model_max_length is then not checked
+    model: str | None = None
     val_fraction: float = 0.05
     seed: int = 0
     num_proc: int = 1
@@ -248,12 +249,7 @@ def pack_split(stream_path: Path, dtype, lengths: np.ndarray, mask: np.ndarray,
 # ------------------------------------------------------------------------------ the command
 
 def _check_seq_len(cfg: PrepareConfig, info: toks.TokenizerInfo) -> None:
-    if cfg.model:
-        positions = cfg.model_positions
-        if positions is not None and cfg.seq_len > positions:
-            raise PtlmError(f"--seq-len {cfg.seq_len} is above the {positions} positions of model "
-                            f"{cfg.model}; use --seq-len {positions} or less")
-    elif info.model_max_length and cfg.seq_len > info.model_max_length:
+    if not cfg.model and info.model_max_length and cfg.seq_len > info.model_max_length:
         raise PtlmError(f"--seq-len {cfg.seq_len} is above the tokenizer's model_max_length "
                         f"{info.model_max_length} ({info.source}); use a smaller --seq-len, or "
                         "pass --model to check against the model's positions instead")

@@ -272,7 +272,7 @@ def _structure(config, model) -> dict:
         gated_mlp=False,  # only the hand formulas read these two; the profile replaces them
         residual_dropout=max([float(getattr(tc, f, 0.0) or 0.0) for f in RESIDUAL_DROPOUT_FIELDS
                               if isinstance(getattr(tc, f, None), (int, float))] or [0.0]),
-        rotary=not _has_position_table(model, embed),
+        rotary=not has_position_table(model, embed),
         rms_norm=any("RMSNorm" in type(m).__name__ for m in model.modules()),
         head_dim=getattr(tc, "head_dim", None) or hidden // max(heads, 1),
         tied_embeddings=head is not None and head.weight is embed.weight,
@@ -288,7 +288,7 @@ def _layer_count(tc) -> int:
     raise PtlmError(f"{type(tc).__name__} names no layer count ({', '.join(LAYER_COUNT_FIELDS)})")
 
 
-def _has_position_table(model, embed) -> bool:
+def has_position_table(model, embed) -> bool:
     """A learned position table: an embedding other than the tokens' (OPT, GPT-2). Rotary, ALiBi
     and NoPE models have none, so their max_position_embeddings is a soft limit."""
     return any(isinstance(m, torch.nn.Embedding) and m is not embed

@@ -17,7 +17,8 @@ from ptlm.data import shards
 from ptlm.data import tokenizer as toks
 from ptlm.data.reader import PackedDataset
 from ptlm.errors import PtlmError
-from ptlm.model.config import is_config_only_alias, max_positions, resolve_config
+from ptlm.model.config import is_config_only_alias, resolve_config
+from ptlm.model.positions import check_length
 from ptlm.model.profile import facts_for
 from ptlm.plan import dsconfig, probe_cache
 from ptlm.plan.facts import HardwareFacts
@@ -48,7 +49,8 @@ class ModelSource:
 
 
 def model_source(spec: str, from_scratch: bool, data: PackedDataset | None) -> ModelSource:
-    """The model's config, checked against the data (positions >= seq_len); for --from-scratch,
+    """The model's config, checked against the data (its seq_len against the model's positions,
+    ptlm.model.positions); for --from-scratch,
     its vocabulary sized to the data's tokenizer (rows padded to VOCAB_ROWS_MULTIPLE)."""
     config = resolve_config(spec)
     if not from_scratch and is_config_only_alias(spec):
@@ -56,10 +58,8 @@ def model_source(spec: str, from_scratch: bool, data: PackedDataset | None) -> M
                         "--from-scratch, or give a hub name / folder with weights")
     if data is None:
         return ModelSource(spec, config, from_scratch)
-    positions = max_positions(config)
-    if positions is not None and data.seq_len > positions:
-        raise PtlmError(f"the data's seq_len {data.seq_len} is above the {positions} positions of "
-                        f"{spec}; prepare the data again with --seq-len {positions} or less")
+    check_length(config, data.seq_len, f"the data's seq_len {data.seq_len}", f"model {spec}",
+                 lambda n: f"prepare the data again with --seq-len {n} or less")
     if from_scratch:
         config.vocab_size = -(-data.vocab_size // VOCAB_ROWS_MULTIPLE) * VOCAB_ROWS_MULTIPLE
         _set_special_ids(config, data)

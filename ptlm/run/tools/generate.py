@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ptlm.errors import PtlmError
-from ptlm.model.config import max_positions
+from ptlm.model.positions import check_length
 
 
 def generate(model, tok, prompt: str, max_new_tokens: int, sample: bool = False,
@@ -16,11 +16,11 @@ def generate(model, tok, prompt: str, max_new_tokens: int, sample: bool = False,
         raise PtlmError("the prompt encodes to no token; give some text")
     if max_new_tokens < 1:
         raise PtlmError(f"--max-new-tokens {max_new_tokens}: must be >= 1")
-    positions = max_positions(model.config)
-    if positions is not None and ids.shape[1] + max_new_tokens > positions:
-        raise PtlmError(f"the prompt ({ids.shape[1]} tokens) + --max-new-tokens {max_new_tokens} "
-                        f"is above the model's {positions} positions; give --max-new-tokens "
-                        f"{max(positions - ids.shape[1], 0)} or less, or a shorter prompt")
+    n = ids.shape[1]
+    check_length(model.config, n + max_new_tokens,
+                 f"the prompt ({n} tokens) + --max-new-tokens {max_new_tokens}", "the model",
+                 lambda limit: f"give --max-new-tokens {max(limit - n, 0)} or less, or a shorter "
+                               "prompt")
     kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else \
         dict(do_sample=False)
     with torch.no_grad():
