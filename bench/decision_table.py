@@ -94,7 +94,7 @@ def calibration() -> None:
         est = estimate(model, hw, Job(seq, keep_outputs=True), setting).peak_tensor_bytes / GiB
         print(f"| {seq} × {micro} | {'on' if ckpt else 'off'} | {measured:.2f} | {est:.2f} | "
               f"{est / measured - 1:+.1%} |")
-    print("\nptlm.memtrace (ptlm's loop, CPU). 'CUDA-equivalent' removes the CPU-only excess of the "
+    print("\nptlm.run.tools.memtrace (ptlm's loop, CPU). 'CUDA-equivalent' removes the CPU-only excess of the "
           "dropout masks (stored in the activation dtype on CPU, as bool on CUDA) from layers that "
           "keep their activations.\n")
     print("| setting | seq × micro-batch | measured GiB (phase) | CUDA-equivalent | estimate GiB | "

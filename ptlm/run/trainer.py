@@ -229,6 +229,16 @@ def due(every: int, step: int) -> bool:
     return every > 0 and step % every == 0
 
 
+def save_due(run: Run) -> bool:
+    """Every --save-every steps, or once --save-every-minutes have passed since the last save.
+    The clock is each rank's own: they agree (any rank's) so every rank enters the save, a
+    collective, together."""
+    ckpt = run.cfg.ckpt
+    minutes = ckpt.save_every_minutes > 0 and any_rank(
+        time.time() - run.last_save >= 60 * ckpt.save_every_minutes, run.dist.device)
+    return due(ckpt.save_every, run.state.step) or minutes
+
+
 # ------------------------------------------------------------------------------ the loop
 
 def stop_step(run: Run) -> int:
@@ -269,9 +279,7 @@ def train_loop(run: Run) -> None:
                 break  # end_epoch evaluates and saves
             if due(cfg.eval.eval_every, s.step):
                 run_eval(run, "every")
-            minutes_due = cfg.ckpt.save_every_minutes > 0 and any_rank(
-                time.time() - run.last_save >= 60 * cfg.ckpt.save_every_minutes, run.dist.device)
-            if due(cfg.ckpt.save_every, s.step) or minutes_due:
+            if save_due(run):
                 save(run)
             faults.kill_after_step(s.step)  # testing aid: die as a preempted node would
         if loader.consumed == loader.blocks_per_epoch:
