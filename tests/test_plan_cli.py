@@ -33,6 +33,17 @@ def test_text_output_shows_choice_breakdown_and_why(capsys):
         assert label in out
 
 
+def test_text_output_says_which_packing_it_planned_for(capsys):
+    """The plan's memory depends on the packing (documents: a mask or its copies); the printed
+    plan names it, as --json's job.documents does."""
+    for packing in ("documents", "stream"):
+        rc, out, _ = run_plan(capsys, "--model", "opt-125m", "--seq-len", "1024",
+                              "--global-batch", "16", *T4_ARGS, "--packing", packing)
+        assert rc == 0 and f"global batch 16, {packing} packing" in out.splitlines()[1], out
+    _, out, _ = run_plan(capsys, "--model", "opt-125m", "--seq-len", "1024", *T4_ARGS)
+    assert "documents packing" in out  # the default
+
+
 def test_json_output(capsys):
     rc, out, _ = run_plan(capsys, "--model", "opt-125m", "--seq-len", "1024", "--global-batch", "16",
                           *T4_ARGS, "--json")

@@ -127,7 +127,8 @@ def format_plan(p: Plan) -> str:
     lines = [
         f"{p.model.describe()}",
         f"on {p.hardware.describe()}, seq {p.job.seq_len}, global batch "
-        f"{p.job.global_batch if p.job.global_batch else 'not set'}",
+        f"{p.job.global_batch if p.job.global_batch else 'not set'}, "
+        f"{'documents' if p.job.documents else 'stream'} packing",
         "",
         f"Chosen: {s.describe()}",
         f"  {s.micro_batch} micro-batch × {c.grad_accum} accumulation × {p.hardware.world} GPU(s)"
