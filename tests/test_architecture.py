@@ -114,6 +114,32 @@ def test_no_function_of_the_package_is_longer_than_a_screen():
                     long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {n} lines")
     assert not long, long
 
+
+def imported_modules(path: Path) -> list[tuple[int, str]]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found += [(node.lineno, node.module)]
+            if node.module == "tests":
+                found += [(node.lineno, f"tests.{a.name}") for a in node.names]
+    return found
+
+
+def test_tests_import_helpers_not_other_tests_and_bench_imports_no_tests():
+    """A test file is not another one's library: shared helpers live in tests/support.py (and
+    tests/families.py); bench/ has its own (bench/common.py, bench/matrix_reference.py)."""
+    bad = []
+    for path in sorted((ROOT / "tests").glob("*.py")) + sorted((ROOT / "bench").glob("*.py")):
+        for line, module in imported_modules(path):
+            parts = module.split(".")
+            if parts[0] != "tests":
+                continue
+            if path.parent.name == "bench" or (len(parts) > 1 and parts[1].startswith("test_")):
+                bad.append(f"{path.relative_to(ROOT)}:{line} imports {module}")
+    assert not bad, bad
+
 def test_the_checker_sees_imports_inside_functions(tmp_path):
     f = tmp_path / "m.py"
     f.write_text("def f():\n    from ptlm.run import trainer\n    import ptlm.commands.plan\n")
