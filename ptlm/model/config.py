@@ -7,11 +7,10 @@ Only the config is read: no weights, and remote code is never trusted.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from ptlm.errors import PtlmError
-from ptlm.hub import HUB_PROBE_TIMEOUT_S, OFFLINE_ENV, PROXY_ENV, hub_unreachable, offline  # noqa: F401
+from ptlm.hub import hub_unreachable, offline
 from ptlm.plan.facts import KNOWN_CONFIGS, KNOWN_NAMES, ModelFacts, has_hand_activations
 
 # Hub names whose config is in the built-in table: planning for them needs no network.
