@@ -6,6 +6,7 @@ import time
 import pytest
 import transformers
 
+from ptlm import hub
 from ptlm.errors import PtlmError
 from ptlm.model import config as mc
 
@@ -25,7 +26,7 @@ def hub_calls(monkeypatch):
 
 @pytest.fixture
 def online(monkeypatch):
-    for key in (*mc.OFFLINE_ENV, *mc.PROXY_ENV):
+    for key in (*hub.OFFLINE_ENV, *hub.PROXY_ENV):
         monkeypatch.delenv(key, raising=False)
 
 
@@ -58,7 +59,7 @@ def test_unknown_name_with_the_hub_unreachable_fails_fast(monkeypatch, hub_calls
     with pytest.raises(PtlmError, match=r"hub is unreachable \(127.0.0.1:9: .*\); set "
                                         r"HF_HUB_OFFLINE=1"):
         mc.resolve_config("someone/unknown")
-    assert time.perf_counter() - t0 < mc.HUB_PROBE_TIMEOUT_S + 1
+    assert time.perf_counter() - t0 < hub.HUB_PROBE_TIMEOUT_S + 1
     assert hub_calls == [("someone/unknown", True)]  # no network call, no retries
 
 
