@@ -13,10 +13,13 @@ import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from ptlm.data.shards import sha256_file
 from ptlm.errors import PtlmError
+
+if TYPE_CHECKING:  # the annotations only: prepare imports tokenizers when it encodes
+    import tokenizers
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json")
