@@ -659,7 +659,10 @@ def test_image_builds_and_passes_its_smoke_test(tmp_path):
     env = {**os.environ, "PTLM_IMAGE": image}
     build = subprocess.run(["bash", str(ROOT / "docker" / "build.sh")], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=4 * 3600)
-    assert build.returncode == 0, build.stdout[-5000:] + build.stderr[-5000:]
+    hint = ("" if os.environ.get("PTLM_BUILD_CA") else
+            "\n(pip in the build found no package: behind a TLS-inspecting proxy, set "
+            "PTLM_BUILD_CA to the host's CA bundle, see docs/docker.md)")
+    assert build.returncode == 0, build.stdout[-5000:] + build.stderr[-5000:] + hint
     print(build.stderr[-600:])  # build time and image size
     env["PTLM_SMOKE_DIR"] = str(tmp_path / "smoke")
     smoke = subprocess.run(["bash", str(ROOT / "docker" / "smoke.sh"), image], cwd=ROOT, env=env,
