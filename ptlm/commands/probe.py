@@ -121,7 +121,7 @@ def _run(args) -> int:
     # when that is smaller (plan_for lowers it so); the model, optimizer and packing path are
     # the ones the trials ran
     run_plan = with_micro_batch(p, largest) if 0 < largest < p.micro_batch else p
-    engine = {**trials.record, "ds_config": engine_config(run_plan, hyper, args.ds_config),
+    engine = {**(trials.record or {}), "ds_config": engine_config(run_plan, hyper, args.ds_config),
               "setting": run_plan.setting.to_dict()}
     result = {"largest_micro_batch": largest, "planned_micro_batch": p.micro_batch,
               "trials": {str(k): v for k, v in sorted(trials.results.items())},

@@ -25,6 +25,7 @@ _learned: dict[str, bool] = {}  # config JSON -> whether it has a learned positi
 
 def learned_position_table(config) -> bool:
     """Whether models of `config` embed positions with a learned table (a hard length limit)."""
+    # deferred: profile loads torch and transformers, and `ptlm prepare` imports this module
     from ptlm.model.profile import has_position_table, meta_model
 
     key = config.to_json_string(use_diff=False)

@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ptlm.errors import PtlmError
 from ptlm.run.config import RunConfig
-
-if TYPE_CHECKING:
-    from ptlm.run.state import Run
+from ptlm.run.state import Run
 
 log = logging.getLogger(__name__)
 
