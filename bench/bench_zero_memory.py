@@ -48,7 +48,6 @@ import argparse
 import gc
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -71,26 +70,34 @@ LR = 1e-4
 PHASES = ("forward", "backward", "step")
 # Labels of blocks that live on the offload device by DeepSpeed's design (see module doc).
 OFFLOADED_LABELS = ("optimizer_states", "master_fp32", "fp32_grads", "host_buffers")
+# One launch of the grid: the default test's 3 settings take 15-40 s here, the offload grid a few
+# minutes once DeepSpeed's CPU Adam is built (building it first takes minutes more).
+GRID_TIMEOUT_S = 1800
 
 
 # ---------------------------------------------------------------------------------------- driver
 
 def run_grid(settings: list[str], *, layers: int, hidden: int, vocab: int, seq: int,
              micro_batch: int, precision: str, steps: int, chunked_loss: bool,
-             device_gib: float = DEVICE_MEMORY_BYTES / 2**30, timeout: float = 1800) -> list[dict]:
-    """Launch 2 ranks on this file and return one result per (setting, rank)."""
+             device_gib: float = DEVICE_MEMORY_BYTES / 2**30,
+             timeout: float = GRID_TIMEOUT_S) -> list[dict]:
+    """Launch 2 ranks on this file and return one result per (setting, rank). A launch that
+    overruns `timeout` is killed with its ranks (subprocess.TimeoutExpired)."""
+    from bench.common import run_bounded
+    from ptlm.run.machine.distributed import free_port
+
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
                    PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(_free_port()), __file__, "--worker", "--out", str(out),
+               "--master_port", str(free_port()), __file__, "--worker", "--out", str(out),
                "--layers", str(layers), "--hidden", str(hidden), "--vocab", str(vocab),
                "--seq", str(seq), "--micro-batch", str(micro_batch), "--precision", precision,
                "--steps", str(steps), "--device-gib", str(device_gib), "--settings", *settings]
         if not chunked_loss:
             cmd.append("--full-loss")
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = run_bounded(cmd, timeout=timeout, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"ranks failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                                f"{proc.stderr[-6000:]}")
@@ -116,13 +123,6 @@ def lowest_of(runs: list[list[dict]]) -> list[dict]:
     return [{**r, "measured_runs": seen[key]} for key, r in best.items()]
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ---------------------------------------------------------------------------------------- worker
 
 def worker(args) -> None:
@@ -142,6 +142,7 @@ def worker(args) -> None:
         gc.collect()
         torch.distributed.barrier()
     Path(args.out).with_suffix(f".{rank}.json").write_text(json.dumps(results))
+    torch.distributed.destroy_process_group()  # leave together: no rank exits mid-collective
 
 
 def _model_config(args):

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
+
+from bench.common import run_bounded
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PTLM_SHARED", ROOT.parent / "shared"))
@@ -68,7 +69,7 @@ def train(data, out, model, *extra, ranks=1, check=True, scratch=True, env=None,
     else:
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
                "--master_port", str(port or free_port()), *args]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    r = run_bounded(cmd, timeout=600, cwd=ROOT, env=env)  # a hung rank ends with it
     if check:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     return r

@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+from bench.common import run_bounded
 from ptlm.errors import PtlmError
 from ptlm.plan import probe_cache
 from ptlm.run.machine.distributed import free_port, shutdown
@@ -169,12 +170,12 @@ def test_the_probe_builds_the_engine_training_builds(tmp_path, demo_dataset, wei
     (parameter count and embedding rows under ZeRO-3), the same optimizer as the run's."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu",
            probe_cache.CACHE_ENV: str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-                        "--master_port", str(free_port()), "launch/probe.py", "--model",
-                        str(weights), "--data", str(demo_dataset), "--global-batch", "8",
-                        "--zero", "3", "--micro-batch", "2", "--lr", "3e-3", "--weight-decay",
-                        "0.5", "--json"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = run_bounded([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                     "--master_port", str(free_port()), "launch/probe.py", "--model",
+                     str(weights), "--data", str(demo_dataset), "--global-batch", "8",
+                     "--zero", "3", "--micro-batch", "2", "--lr", "3e-3", "--weight-decay",
+                     "0.5", "--json"],
+                    timeout=300, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     (entry,) = json.loads((tmp_path / "cache" / "probe.json").read_text()).values()
     trained = json.loads((zero3_decay / "engine.json").read_text())

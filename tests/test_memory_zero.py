@@ -10,6 +10,8 @@ op, minutes to build the first time) and are marked slow. Predictions are for de
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import warnings
 
 import pytest
 
@@ -24,6 +26,7 @@ SMALL = dict(layers=2, hidden=256, vocab=8192, seq=128, micro_batch=2, precision
              steps=3, chunked_loss=True)
 DEFAULT_POINTS = ["z1", "z2", "z3"]
 OFFLOAD_POINTS = ["z1-opt", "z2-opt", "z3-opt", "z3-param"]
+MEASURE_TIMEOUT_S = 300  # the default grid takes 15-40 s here, ~2 min beside other work
 
 
 def _bench():
@@ -37,9 +40,18 @@ def _bench():
 BENCH = _bench()
 
 
-def _measure(points):
+def _measure(points, timeout=MEASURE_TIMEOUT_S):
+    """The grid's figures; a launch that hangs is killed at `timeout` and tried once more
+    (with its ranks' stacks in a warning). What is tested is the figures, and a hung launch gives
+    none. One hang was seen, in a loaded fresh-clone suite run; 12 launches in a loop beside two
+    busy processes did not repeat it."""
     pytest.importorskip("deepspeed")
-    return BENCH.run_grid(points, **SMALL)
+    try:
+        return BENCH.run_grid(points, **SMALL, timeout=timeout)
+    except subprocess.TimeoutExpired as hung:
+        warnings.warn(f"bench_zero_memory hung for {timeout} s, tried again:\n"
+                      f"{(hung.stderr or '')[-6000:]}")
+        return BENCH.run_grid(points, **SMALL, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +192,7 @@ def test_the_measurement_can_fail(measured):
 
 @pytest.mark.slow
 def test_offload_within_ten_percent_of_the_real_engine():
-    results = _measure(OFFLOAD_POINTS)
+    results = _measure(OFFLOAD_POINTS, timeout=BENCH.GRID_TIMEOUT_S)
     _check_peaks(results, OFFLOAD_POINTS)
     _check_held(results)
 

@@ -1,10 +1,10 @@
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
+from bench.common import run_bounded
 from ptlm.errors import PtlmError
 from ptlm.plan import probe_cache
 from ptlm.plan.setting import Setting
@@ -58,28 +58,28 @@ def test_probe_two_ranks_agree_and_training_uses_the_result(tmp_path, demo_datas
            probe_cache.CACHE_ENV: str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     common = ["--model", str(model), "--from-scratch", "--global-batch", "16"]
     # find the simulated memory size between micro-batch 4 and 8's predictions (2 ranks: 8 each)
-    r = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-                        "--master_port", str(free_port()), "launch/probe.py", *common,
-                        "--seq-len", "64", "--simulate-gpu-memory", "1MiB", "--json"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = run_bounded([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                     "--master_port", str(free_port()), "launch/probe.py", *common,
+                     "--seq-len", "64", "--simulate-gpu-memory", "1MiB", "--json"],
+                    timeout=300, cwd=ROOT, env=env)
     assert r.returncode != 0 and "micro-batch 1 ran out of memory" in r.stderr + r.stdout
     trials = json.loads((tmp_path / "cache" / "probe.json").read_text())
     (entry,) = trials.values()
     assert entry["largest_micro_batch"] == 0 and set(entry["trials"]) == {"1", "2", "4", "8"}
     p4, p8 = (entry["trials"][m]["predicted_bytes"] for m in ("4", "8"))
     limit = (p4 + p8) // 2
-    r = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-                        "--master_port", str(free_port()), "launch/probe.py", *common,
-                        "--seq-len", "64", "--simulate-gpu-memory", str(limit)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = run_bounded([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                     "--master_port", str(free_port()), "launch/probe.py", *common,
+                     "--seq-len", "64", "--simulate-gpu-memory", str(limit)],
+                    timeout=300, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "largest micro-batch that fits: 4 (planned 8)" in r.stdout
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-                        "--master_port", str(free_port()), "launch/train.py", *common,
-                        "--data", str(demo_dataset), "--out", str(out), "--max-steps", "2",
-                        "--no-export"], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=300)
+    r = run_bounded([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                     "--master_port", str(free_port()), "launch/train.py", *common,
+                     "--data", str(demo_dataset), "--out", str(out), "--max-steps", "2",
+                     "--no-export"],
+                    timeout=300, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     plan = json.loads((out / "plan.json").read_text())
     assert plan["micro_batch"] == 4 and plan["grad_accum"] == 2 and plan["global_batch"] == 16
