@@ -31,6 +31,13 @@ with a note):
               bf16, global batch 16: tokens/s after warm-up, MFU, and the attention kernel that ran.
   backoff     a real CUDA OOM: a micro-batch above what fits under the cap, back-off on; it must
               halve, keep the global batch and continue.
+  packing     document-aware packing (issue 16) for OPT (ptlm's block-causal mask), GPT-2 and a
+              Llama of SmolLM-135M's shape (position_ids): the mechanism the behaviour check
+              picks on this machine, the data's blocks with the most documents scored by ptlm
+              vs each document piece alone through plain HF on CUDA (fp32, TF32 off: mean NLL
+              and gradients; OPT given position_ids only fails it, tests/test_gpu_check.py),
+              and forward+backward tokens/s, peak memory and attention kernels with documents
+              vs one stream, alternating.
 
 --rehearse runs the same code on CPU (DeepSpeed's CPU accelerator) with a tiny OPT: the cap is
 simulated (`ptlm probe --simulate-gpu-memory`, a predicted-peak check in the plain-HF child) and
@@ -43,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import random
@@ -65,8 +71,9 @@ ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
 CAP_ENV = "GPU_CHECK_CAP_BYTES"  # read by the `_capped` child: set_per_process_memory_fraction
 MEM_OUT_ENV = "GPU_CHECK_MEM_OUT"  # the `_capped` child writes its max allocated/reserved here
-STAGES = ("headline", "accuracy", "probe", "throughput", "backoff")  # the issue's items 1-5
-RUN_ORDER = ("headline", "probe", "backoff", "throughput", "accuracy")  # accuracy can run partly
+# the GPU issue's items 1-5, then document-aware packing (issue 16)
+STAGES = ("headline", "accuracy", "probe", "throughput", "backoff", "packing")
+RUN_ORDER = ("headline", "probe", "backoff", "throughput", "packing", "accuracy")  # accuracy: partly
 EOS = "<|endoftext|>"
 UNK = "<unk>"
 CORPUS = ROOT / "ptlm" / "assets" / "demo_corpus_pt.jsonl"  # real text: the shipped sample
@@ -100,6 +107,8 @@ class Sizes:
     probe_global: int  # `ptlm probe`'s global batch: it tries the divisors of it
     truth_limit: int  # the true-largest search goes up to this micro-batch
     budget_s: float
+    packing_micro: int  # blocks per timed forward+backward, documents vs stream
+    packing_steps: int  # timed passes each way (after a warm-up)
     stage_min_s: dict = field(default_factory=dict)  # a stage is skipped below this much budget
     headline_lr: float = 3e-3  # peak LR of the headline's run and of its fp32 reference
 
@@ -108,9 +117,9 @@ def real_sizes(budget_s: float) -> Sizes:
     return Sizes(rehearse=False, small="opt-125m", large="opt-1.3b", seq=1024, vocab=50265,
                  train_blocks=420, headline_steps=20, throughput_steps=10, warmup_steps=3,
                  backoff_steps=3, headline_lr=6e-4, parallel=6, probe_global=64, truth_limit=128,
-                 budget_s=budget_s,
+                 budget_s=budget_s, packing_micro=8, packing_steps=10,
                  stage_min_s={"headline": 120, "probe": 60, "backoff": 40, "throughput": 70,
-                              "accuracy": 60})
+                              "packing": 45, "accuracy": 60})
 
 
 def rehearsal_sizes(budget_s: float, work: Path) -> Sizes:
@@ -125,8 +134,27 @@ def rehearsal_sizes(budget_s: float, work: Path) -> Sizes:
     return Sizes(rehearse=True, small=str(small), large=str(large), seq=32, vocab=253,
                  train_blocks=340, headline_steps=20, throughput_steps=5, warmup_steps=2,
                  backoff_steps=2, headline_lr=3e-3, parallel=2, probe_global=16, truth_limit=32,
-                 budget_s=budget_s,
+                 budget_s=budget_s, packing_micro=2, packing_steps=2,
                  stage_min_s={s: 5 for s in STAGES})
+
+
+def packing_models(s: Sizes, work: Path) -> list[str]:
+    """One model per packing route: OPT (ptlm's block-causal mask), GPT-2 and a Llama (position_ids;
+    the Llama with grouped-query attention, SmolLM-135M's shape), built from configs."""
+    from transformers import GPT2Config, LlamaConfig
+
+    gpt2, llama = work / "packing-gpt2", work / "packing-llama"
+    if s.rehearse:
+        GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=256, n_positions=128,
+                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0).save_pretrained(gpt2)
+        LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                    max_position_embeddings=128).save_pretrained(llama)
+        return [s.small, str(gpt2), str(llama)]
+    LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                num_attention_heads=9, num_key_value_heads=3, vocab_size=50272,
+                max_position_embeddings=2048, tie_word_embeddings=True).save_pretrained(llama)
+    return [s.small, "gpt2", str(llama)]
 
 
 # The planner-accuracy grid: (model: "small"/"large", micro-batch, forced knobs). Real: OPT-125M and
@@ -420,6 +448,14 @@ def child_attention(argv: list[str]) -> None:
         model(input_ids=ids, labels=ids).loss.backward()
         if cuda:
             torch.cuda.synchronize()
+    print(json.dumps({"attn_implementation": getattr(model.config, "_attn_implementation", None),
+                      **_attention_kernels(prof, cuda),
+                      "device": torch.cuda.get_device_name(0) if cuda else "cpu"}))
+
+
+def _attention_kernels(prof, cuda: bool) -> dict:
+    """{"ops": {op: calls}, "gpu_kernels": [names]}: the attention ops and CUDA kernels a
+    torch.profiler run saw."""
     names: dict[str, int] = {}
     for e in prof.key_averages():
         if any(w in e.key.lower() for w in ATTENTION_KERNEL_WORDS):
@@ -431,10 +467,149 @@ def child_attention(argv: list[str]) -> None:
             if dt is not None and "CUDA" in str(dt) and any(
                     w in e.name.lower() for w in ATTENTION_KERNEL_WORDS):
                 gpu_kernels.append(e.name)
-    print(json.dumps({"attn_implementation": getattr(model.config, "_attn_implementation", None),
-                      "ops": dict(sorted(names.items())),
-                      "gpu_kernels": sorted(set(gpu_kernels))[:20],
-                      "device": torch.cuda.get_device_name(0) if cuda else "cpu"}))
+    return {"ops": dict(sorted(names.items())), "gpu_kernels": sorted(set(gpu_kernels))[:20]}
+
+
+# Packed blocks vs their document pieces alone, fp32 with TF32 off: the per-block mean NLL and
+# the gradient may differ by kernel rounding only (the CPU tests hold 1e-5; a leak across
+# documents moves a random model's loss by far more, tests/test_model_packing.py).
+PACKING_MAX_DEV = 1e-4
+PACKING_GRAD_MAX_REL = 1e-3
+PACKING_EXACT_BLOCKS = 4  # the blocks with the most document pieces
+PACKING_WARMUP = 2
+
+
+def child_packing(argv: list[str]) -> None:
+    """`_packing DATA MICRO STEPS PRECISION SPEC...`: document-aware packing on this device, per
+    model spec:
+    - the mechanism ptlm chooses (ptlm.run.engine.packing_record: the behaviour check) and the
+      attention path it names;
+    - exactness: the data's blocks with the most document pieces through ptlm's LossModule with
+      their positions, vs each piece run alone through the plain HF model (no mask, no
+      position_ids: bench/matrix_reference.pieces_nll), fp32 with TF32 off: |mean NLL
+      difference| per block, and the relative difference of the gradients of the first block;
+    - cost: a forward+backward of MICRO blocks in PRECISION with documents vs as one stream,
+      alternating, STEPS times each after a warm-up: median seconds (tokens/s), peak
+      allocated, and the attention kernels each way ran.
+    Token ids are taken modulo the model's vocabulary (random weights; the ids' meaning is not
+    tested). Prints one JSON line."""
+    import torch
+
+    from bench.matrix_reference import block_pieces
+    from ptlm.data.reader import PackedDataset
+    from ptlm.model.config import resolve_config
+    from ptlm.model.load import load_model
+    from ptlm.run.engine import packing_record
+
+    data, micro, steps, precision, specs = Path(argv[0]), int(argv[1]), int(argv[2]), argv[3], \
+        argv[4:]
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 for the exactness check
+    torch.backends.cudnn.allow_tf32 = False
+    ds = PackedDataset(data, "train", packing="documents")
+    pieces = block_pieces(data, "train", "documents")
+    busiest = sorted(range(len(pieces)), key=lambda b: -len(pieces[b]))[:PACKING_EXACT_BLOCKS]
+    out = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "seq_len": ds.seq_len,
+           "micro_batch": micro, "precision": precision, "models": []}
+    for spec in specs:
+        config = resolve_config(spec)
+        torch.manual_seed(0)
+        model = load_model(config, precision="fp32").to(dev)
+        rec = {"model": Path(spec).name, **packing_record("documents", model)}
+        rec["exact"] = _packing_exactness(model, ds, pieces, busiest, rec["mechanism"], dev)
+        del model
+        torch.manual_seed(0)
+        model = load_model(config, precision=precision).to(dev)
+        rec["cost"] = _packing_cost(model, ds, micro, steps, rec["mechanism"], dev)
+        out["models"].append(rec)
+        del model
+        if cuda:
+            torch.cuda.empty_cache()
+    print(json.dumps(out))
+
+
+def _packing_exactness(model, ds, pieces, blocks, mechanism, dev) -> dict:
+    import torch
+
+    from bench.matrix_reference import pieces_nll
+    from ptlm.model.forward import LossModule
+
+    model.eval()  # no dropout: both ways see the same network
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ours = LossModule(model, chunked=False, mechanism=mechanism)
+    devs, counts_equal, grad_rel = [], True, None
+    for i, b in enumerate(blocks):
+        batch = ds.blocks_of([b])
+        ids = (batch.input_ids % vocab).to(dev)
+        mean, _, count = ours(ids, positions=batch.positions.to(dev))
+        ref_sum, ref_count = pieces_nll(model, ids[0], pieces[b])
+        ref = ref_sum / ref_count
+        devs.append(abs(float(mean.detach()) - float(ref.detach())))
+        counts_equal &= int(count) == ref_count
+        if i == 0:  # the gradients of the two losses, every parameter at once
+            params = [p for p in model.parameters() if p.requires_grad]
+            g_ours = torch.autograd.grad(mean, params, allow_unused=True)
+            g_ref = torch.autograd.grad(ref, params, allow_unused=True)
+            diff = sum(float((a - r).float().pow(2).sum()) for a, r in zip(g_ours, g_ref)
+                       if a is not None and r is not None)
+            norm = sum(float(r.float().pow(2).sum()) for r in g_ref if r is not None)
+            grad_rel = (diff / norm) ** 0.5 if norm else None
+    max_dev = max(devs)
+    return {"blocks": len(blocks), "pieces": [len(pieces[b]) for b in blocks],
+            "max_dev": max_dev, "grad_rel_dev": grad_rel, "counts_equal": counts_equal,
+            "tolerance": PACKING_MAX_DEV, "grad_tolerance": PACKING_GRAD_MAX_REL,
+            "ok": bool(counts_equal and max_dev <= PACKING_MAX_DEV and grad_rel is not None
+                       and grad_rel <= PACKING_GRAD_MAX_REL)}
+
+
+def _packing_cost(model, ds, micro, steps, mechanism, dev) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from ptlm.model.forward import LossModule
+
+    cuda = dev.type == "cuda"
+    model.train()
+    vocab = model.get_input_embeddings().weight.shape[0]
+    batch = ds.blocks_of(range(micro))
+    ids, positions = (batch.input_ids % vocab).to(dev), batch.positions.to(dev)
+    ways = {"documents": (LossModule(model, chunked=True, mechanism=mechanism), positions),
+            "stream": (LossModule(model, chunked=True), None)}
+
+    def one(way: str) -> float:
+        module, pos = ways[way]
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        module(ids, positions=pos)[0].backward()
+        if cuda:
+            torch.cuda.synchronize()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    for _ in range(PACKING_WARMUP):
+        for way in ways:
+            one(way)
+    times = {way: [] for way in ways}
+    for _ in range(steps):  # alternating: drift in clocks or load hits both ways alike
+        for way in ways:
+            times[way].append(one(way))
+    rec = {}
+    tokens = micro * ds.seq_len
+    for way in ways:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            one(way)
+        median = _median(times[way])
+        rec[way] = {"median_s": median, "tokens_per_s": tokens / median,
+                    "max_allocated": torch.cuda.max_memory_allocated() if cuda else None,
+                    **_attention_kernels(prof, cuda)}
+    rec["documents_over_stream"] = (rec["documents"]["tokens_per_s"]
+                                    / rec["stream"]["tokens_per_s"])
+    return rec
 
 
 def child_env(argv: list[str]) -> None:
@@ -491,7 +666,7 @@ def child_env(argv: list[str]) -> None:
 
 CHILDREN = {"_capped": child_capped, "_plain_hf": child_plain_hf, "_hf_trainer": child_hf_trainer,
             "_attention": child_attention, "_env": child_env, "_init": child_init,
-            "_reference": child_reference}
+            "_reference": child_reference, "_packing": child_packing}
 
 
 # ============================================================================== the parent
@@ -1061,7 +1236,25 @@ class Check:
                                    str(micro), precision], 180)
         rec["attention"] = last_json(r["stdout"]) or {"error": (r.get("tail") or "")[-1500:]}
 
-    # ---------------------------------------------------------------- 5. backoff
+    # ---------------------------------------------------------------- 6. packing
+    def packing(self, rec: dict) -> None:
+        """Issue 16 on the device: each family's mechanism, packed == pieces alone on CUDA, and
+        what documents cost against one stream (the `_packing` child)."""
+        s = self.sizes
+        if self.data is None:
+            raise StageSkipped("no prepared data (setup failed)")
+        precision = "fp32" if s.rehearse else "bf16"
+        specs = packing_models(s, self.work)
+        r = self.run("packing", [str(Path(__file__)), "_packing", str(self.data),
+                                 str(s.packing_micro), str(s.packing_steps), precision, *specs],
+                     240)
+        got = last_json(r["stdout"])
+        if r["rc"] != 0 or not got:
+            raise RuntimeError(f"the packing child failed: {r.get('tail')}")
+        rec.update(got)
+        if not all(m["exact"]["ok"] for m in got["models"]):
+            rec["status"] = "failed"
+
     def backoff(self, rec: dict) -> None:
         s = self.sizes
         # Wanted: a micro-batch M (= the global batch, no accumulation) clearly over the cap (a
@@ -1402,7 +1595,35 @@ def render_md(rec: dict) -> str:
                   f"{b.get('oom')}; back-offs {backoffs}"
                   f" (micro-batch, accumulation); {b.get('steps')} steps at micro-batch "
                   f"{b.get('micro_batches')}; verdict {b.get('verdict')}"]
+    lines += _packing_md(st.get("packing", {}))
     return "\n".join(lines) + "\n"
+
+
+def _packing_md(pk: dict) -> list[str]:
+    if not pk.get("models"):
+        return []
+    lines = ["", f"## 6. Document-aware packing on {pk.get('device')}: seq {pk.get('seq_len')}",
+             "", "Exactness: the data's blocks with the most document pieces through ptlm "
+             "(fp32, TF32 off) vs each piece alone through plain HF. Cost: forward+backward of "
+             f"{pk.get('micro_batch')} blocks in {pk.get('precision')}, documents vs one "
+             "stream, alternating.", "",
+             "| model | mechanism: path | max abs dev, mean NLL (blocks: pieces) | gradient "
+             "rel. dev | exact | tokens/s documents / stream | ratio | max allocated documents "
+             "/ stream |", "|---|---|---|---|---|---|---|---|"]
+    kernels = []
+    for m in pk["models"]:
+        e, c = m.get("exact", {}), m.get("cost", {})
+        d, st = c.get("documents", {}), c.get("stream", {})
+        lines.append(f"| {m.get('model')} | {m.get('mechanism')}: {m.get('path')} | "
+                     f"{e.get('max_dev', float('nan')):.1e} ({e.get('pieces')}) | "
+                     f"{e.get('grad_rel_dev') or float('nan'):.1e} | "
+                     f"{'PASS' if e.get('ok') else 'FAIL'} | "
+                     f"{d.get('tokens_per_s', 0):,.0f} / {st.get('tokens_per_s', 0):,.0f} | "
+                     f"{c.get('documents_over_stream', float('nan')):.2f} | "
+                     f"{_gib(d.get('max_allocated'))} / {_gib(st.get('max_allocated'))} |")
+        kernels.append(f"{m.get('model')}: documents {d.get('gpu_kernels') or list(d.get('ops') or {})[:3]}"
+                       f"; stream {st.get('gpu_kernels') or list(st.get('ops') or {})[:3]}")
+    return lines + ["", "Attention kernels: " + " | ".join(kernels)]
 
 
 def _setting_str(s) -> str:

@@ -82,10 +82,17 @@ def test_rehearsal_runs_every_stage(tmp_path):
                                "continued_to_the_end": True}
     assert back["micro_batches"] == [8]
 
+    pk = st["packing"]  # OPT through ptlm's mask, GPT-2 and Llama through position_ids
+    assert [(m["model"], m["mechanism"]) for m in pk["models"]] == [
+        ("tiny-opt", "mask"), ("packing-gpt2", "position_ids"), ("packing-llama", "position_ids")]
+    for m in pk["models"]:
+        assert m["exact"]["ok"] and max(m["exact"]["pieces"]) >= 2, m
+        assert m["cost"]["documents"]["tokens_per_s"] > 0 < m["cost"]["stream"]["tokens_per_s"]
+
     md = (tmp_path / "gpu_check.md").read_text()
     assert "CPU REHEARSAL" in md and "| stage | status | seconds | note |" in md
     for title in ("## 1. Headline", "## 2. Planner accuracy", "## 3. Probe", "## 4. Throughput",
-                  "## 5. OOM back-off"):
+                  "## 5. OOM back-off", "## 6. Document-aware packing"):
         assert title in md
     assert (tmp_path / "gpu_check_logs.tar.gz").stat().st_size > 0
 
@@ -106,12 +113,38 @@ def test_the_headline_fails_on_a_broken_fp16_step(tmp_path):
     assert head["status"] == "failed" and r.returncode == 1
 
 
+def test_the_packing_check_fails_on_a_model_that_attends_across_documents(demo_dataset):
+    """OPT given position_ids only (its mask ignores them: every token attends to the documents
+    packed before it) must fail the exactness check that OPT with ptlm's mask passes."""
+    import torch
+    from transformers import OPTForCausalLM
+
+    from bench.matrix_reference import block_pieces
+    from ptlm.data.reader import PackedDataset
+    from tests.support import tiny_opt
+
+    gc = _module()
+    torch.manual_seed(0)
+    model = OPTForCausalLM(tiny_opt(dropout=0.0, attn_implementation="sdpa"))
+    ds = PackedDataset(demo_dataset, "train", packing="documents")
+    pieces = block_pieces(demo_dataset, "train", "documents")
+    blocks = sorted(range(len(pieces)), key=lambda b: -len(pieces[b]))[:2]
+    assert len(pieces[blocks[0]]) >= 2  # at least one document boundary to leak across
+    cpu = torch.device("cpu")
+    right = gc._packing_exactness(model, ds, pieces, blocks, "mask", cpu)
+    wrong = gc._packing_exactness(model, ds, pieces, blocks, "position_ids", cpu)
+    assert right["ok"] and right["max_dev"] <= 1e-5, right
+    # measured here: 3.8e-3 and 0.20 (tolerances 1e-4 and 1e-3)
+    assert not wrong["ok"] and wrong["max_dev"] > 10 * wrong["tolerance"], wrong
+    assert wrong["grad_rel_dev"] > 10 * wrong["grad_tolerance"], wrong
+
+
 def test_a_failing_stage_is_recorded_and_the_others_run(tmp_path):
     gc = _module()
     sizes = gc.Sizes(rehearse=True, small="opt-125m", large="opt-1.3b", seq=8, vocab=10,
                      train_blocks=1, headline_steps=1, throughput_steps=1, warmup_steps=0,
                      backoff_steps=1, parallel=1, probe_global=2, truth_limit=2,
-                     budget_s=60,
+                     budget_s=60, packing_micro=1, packing_steps=1,
                      stage_min_s={"headline": 1, "probe": 10**6})
     check = gc.Check(tmp_path / "out", tmp_path / "work", sizes, None)
 
