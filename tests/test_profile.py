@@ -138,6 +138,16 @@ def test_layer_kinds_are_traced_once_each_and_weighted_by_count():
     assert short.layer_types == ["conv", "full_attention"] and weights == [0.75, 0.25]
 
 
+@pytest.mark.parametrize("family, masks, windowed", [
+    ("gemma3_text", 2, 1),  # sliding and full layers: a mask each; as a stream, the sliding one
+    ("qwen3", 1, 0),  # full attention only: no mask as a stream (SDPA's causal kernels)
+    ("lfm2", 1, 0),  # convolution and full-attention layers
+])
+def test_the_masks_a_forward_builds_are_counted_per_kind_of_layer(family, masks, windowed):
+    facts = profile.measured_facts(FAMILIES[family](), family, 64)
+    assert (facts.attention_masks, facts.windowed_masks) == (masks, windowed)
+
+
 def test_profile_is_cached(monkeypatch):
     config = FAMILIES["qwen3"]()
     first = profile.measured_facts(config, "a", 128)

@@ -23,6 +23,7 @@ from torch import nn
 
 from ptlm.errors import PtlmError
 from ptlm.model.config import text_config
+from ptlm.model.masks import additive_sdpa_masks
 
 IGNORE_INDEX = -100  # Hugging Face's label for "no loss here" (padding, prompt tokens)
 LOGITS_CHUNK_BYTES = 128 * 2**20  # fp32 logits per chunk; the chunk's peak is ~1.5-2x this
@@ -218,20 +219,23 @@ def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor | None =
     if "attention_mask" in packed:
         attention_mask = packed["attention_mask"]
     extra = {k: v for k, v in packed.items() if k != "attention_mask"}
-    if chunked:
-        head = check_chunkable(model)
-        out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                               **extra)
-        hidden = out[0]  # (B, T, H) last hidden state, final norm applied; tuple or ModelOutput
-        loss_sum, n_tokens = lm_head_loss(hidden, head, labels, chunk_size)
-        mean = loss_sum / n_tokens.clamp(min=1)
-    else:
-        n_tokens = (labels[:, 1:] != IGNORE_INDEX).sum()
-        # num_items_in_batch switches HF to sum / count: the same mean, and 0 instead of nan.
-        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                    use_cache=False, num_items_in_batch=n_tokens.clamp(min=1), **extra)
-        mean = out.loss
-        loss_sum = mean.float() * n_tokens
+    # a mask transformers builds (packed documents, sliding windows) is additive: one tensor for
+    # all layers (ptlm.model.masks; SDPA would copy a bool one in each layer, kept for backward)
+    with additive_sdpa_masks():
+        if chunked:
+            head = check_chunkable(model)
+            out = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                   use_cache=False, **extra)
+            hidden = out[0]  # (B, T, H) last hidden state, final norm applied
+            loss_sum, n_tokens = lm_head_loss(hidden, head, labels, chunk_size)
+            mean = loss_sum / n_tokens.clamp(min=1)
+        else:
+            n_tokens = (labels[:, 1:] != IGNORE_INDEX).sum()
+            # num_items_in_batch switches HF to sum / count: the same mean, and 0 instead of nan.
+            out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                        use_cache=False, num_items_in_batch=n_tokens.clamp(min=1), **extra)
+            mean = out.loss
+            loss_sum = mean.float() * n_tokens
     return (mean, loss_sum, n_tokens) if with_counts else mean
 
 

@@ -17,6 +17,7 @@ import torch
 
 from ptlm.errors import PtlmError
 from ptlm.model.loss import IGNORE_INDEX
+from ptlm.model.masks import additive_sdpa_masks
 
 MECHANISMS = ("position_ids", "mask")
 STAND_IN_DOCUMENTS_PER_BLOCK = 4
@@ -118,26 +119,28 @@ def choose_mechanism(model) -> str:
     labels = labels_for(ids, positions)
     was_training = model.training
     model.eval()  # no dropout: both ways see the same network
-    try:
-        alone, start = [], 0
-        for n in CHECK_DOCUMENTS:
-            piece = ids[:, start:start + n]
-            alone.append(per_token_nll(model, piece, piece) if n > 1 else ids.new_zeros(1, 0))
-            alone.append(torch.zeros(1, 1, device=device))  # the next piece's first token
-            start += n
-        reference = torch.cat(alone, dim=1)[:, :total - 1]
-        for mechanism in MECHANISMS:
-            try:
-                inputs = model_inputs(model, positions, mechanism)
-            except PtlmError:
-                continue
-            packed = per_token_nll(model, ids, labels, **inputs)
-            tol = CHECK_TOLERANCE if model.dtype == torch.float32 else CHECK_TOLERANCE_16BIT
-            if (torch.allclose(packed, reference, rtol=tol, atol=tol)
-                    and _isolated(model, ids, inputs)):
-                return mechanism
-    finally:
-        model.train(was_training)
+    # the masks training's forward gives the model (ptlm.model.loss.causal_lm_loss)
+    with additive_sdpa_masks():
+        try:
+            alone, start = [], 0
+            for n in CHECK_DOCUMENTS:
+                piece = ids[:, start:start + n]
+                alone.append(per_token_nll(model, piece, piece) if n > 1 else ids.new_zeros(1, 0))
+                alone.append(torch.zeros(1, 1, device=device))  # the next piece's first token
+                start += n
+            reference = torch.cat(alone, dim=1)[:, :total - 1]
+            for mechanism in MECHANISMS:
+                try:
+                    inputs = model_inputs(model, positions, mechanism)
+                except PtlmError:
+                    continue
+                packed = per_token_nll(model, ids, labels, **inputs)
+                tol = CHECK_TOLERANCE if model.dtype == torch.float32 else CHECK_TOLERANCE_16BIT
+                if (torch.allclose(packed, reference, rtol=tol, atol=tol)
+                        and _isolated(model, ids, inputs)):
+                    return mechanism
+        finally:
+            model.train(was_training)
     raise PtlmError(f"{type(model).__name__} ({model.config._attn_implementation} attention) "
                     "scores packed documents differently from the documents alone with either "
                     "position_ids or an explicit mask: train it with --packing stream")

@@ -50,7 +50,10 @@ from ptlm.plan.probe_cache import CACHE_ENV
 
 log = logging.getLogger(__name__)
 
-PROFILE_VERSION = 4  # bump when what a profile measures changes: old cache entries are ignored
+PROFILE_VERSION = 5  # bump when what a profile measures changes: old cache entries are ignored
+# transformers' layer_types that get a (B, 1, T, T) mask of their own in a packed forward
+FULL_ATTENTION = "full_attention"
+MASKED_LAYER_TYPES = (FULL_ATTENTION, "sliding_attention", "chunked_attention")
 # The profile is fitted at the planned length and a shorter one, so it is exact where it is used.
 SHORT_SEQ_DIVISOR = 2
 MIN_PROFILE_SEQ = 8
@@ -277,7 +280,15 @@ def _structure(config, model) -> dict:
         head_dim=getattr(tc, "head_dim", None) or hidden // max(heads, 1),
         tied_embeddings=head is not None and head.weight is embed.weight,
         chunkable_loss=chunkable,
-        softcapped_logits=bool(getattr(tc, "final_logit_softcapping", None)))
+        softcapped_logits=bool(getattr(tc, "final_logit_softcapping", None)),
+        **_mask_kinds(tc))
+
+
+def _mask_kinds(tc) -> dict:
+    """ModelFacts' attention_masks and windowed_masks from the config's layer_types."""
+    kinds = set(getattr(tc, "layer_types", None) or ()) & set(MASKED_LAYER_TYPES)
+    return dict(attention_masks=max(1, len(kinds)),
+                windowed_masks=len(kinds - {FULL_ATTENTION}))
 
 
 def _layer_count(tc) -> int:

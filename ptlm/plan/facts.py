@@ -107,7 +107,7 @@ class ModelFacts:
     # Measured activation memory (any architecture); None = the hand formulas of ptlm.plan.memory.
     activations: ActivationProfile | None = None
     # The same measured with packed documents (their mask and what it changes in every layer);
-    # None = the formula of ptlm.plan.memory._packing_bytes.
+    # None = the formula of ptlm.plan.memory._mask_bytes.
     documents_activations: ActivationProfile | None = None
     # The chunked loss reproduces the model's logits (no soft-capping or scaling after the head).
     chunkable_loss: bool = True
@@ -118,6 +118,11 @@ class ModelFacts:
     # "position_ids" or "mask"), decided by running it; None: unknown, or it cannot be told
     # (then a run with --packing documents refuses it).
     packing_mechanism: str | None = None
+    # (B, 1, T, T) masks a forward builds, one per kind of attention layer (full, sliding-window,
+    # chunked), each shared by the layers of its kind: with packed documents every kind; as one
+    # stream only the windowed kinds (full attention runs SDPA's causal kernels without one).
+    attention_masks: int = 1
+    windowed_masks: int = 0
 
     @property
     def attention_head_dim(self) -> int:

@@ -172,8 +172,7 @@ DS_ALLREDUCE_BUCKET_ELEMENTS = int(5e8)
 CUDA_CONTEXT_BYTES = int(0.5 * GiB)
 # NCCL communicator buffers when there is more than one GPU.
 NCCL_BYTES = int(0.5 * GiB)
-# Document-aware packing (_packing_bytes): a bool mask element, and the two tensors k and v.
-BOOL_BYTES = 1
+# Attention masks and packed documents (_mask_bytes): the two tensors k and v.
 KV_TENSORS = 2
 # The caching allocator never packs tensors perfectly: keep 10% of the tensor peak free.
 ALLOCATOR_HEADROOM_FRACTION = 0.10
@@ -356,7 +355,7 @@ def estimate(model: ModelFacts, hw: HardwareFacts, job: Job, setting: Setting) -
     # (stage_1_and_2.py:2184-2195) and dropped with the buckets (:930); the step frees the
     # partition it was flattened into (averaged_gradients = None, :3131).
     grads_persist = setting.zero == 3 or accumulates(job, world, setting.micro_batch)
-    packing = _packing_bytes(model, setting, job)
+    masks = _mask_bytes(model, setting, job)
     if job.documents and model.documents_activations is not None:  # measured with the mask
         model = replace(model, activations=model.documents_activations)
     return MemoryBreakdown(
@@ -364,11 +363,11 @@ def estimate(model: ModelFacts, hw: HardwareFacts, job: Job, setting: Setting) -
         optimizer_states=states.optimizer_states,
         ds_buffers=_ds_buffer_bytes(setting, buffers),
         activations=_stored_activations(model, setting, job.seq_len, tokens, hw.device_type)
-        + packing.stored,
+        + masks.stored,
         loss=_loss_bytes(model, setting, job, tokens, hw.device_type),
         layer_backward=_layer_backward(model, setting, job.seq_len, tokens, grads_persist,
                                        hw.device_type)
-        + states.backward_grads + packing.in_layer_backward,
+        + states.backward_grads + masks.in_layer_backward,
         fp32_grads=states.fp32_grads, flatten_copies=states.flatten_copies,
         cuda_context=gpu_fixed_bytes(hw),
         host_model_states=host_states,
@@ -577,35 +576,35 @@ def _stored_activations(model: ModelFacts, s: Setting, seq_len: int, tokens: int
 
 
 @dataclass(frozen=True)
-class _PackingBytes:
+class _MaskBytes:
     stored: int  # alive from the forward through the backward
     in_layer_backward: int  # only while one checkpointed layer recomputes and runs its backward
 
 
-def _packing_bytes(model: ModelFacts, s: Setting, job: Job) -> _PackingBytes:
-    """What document-aware packing adds through SDPA (measured on real tensors and on ptlm's
-    fake-traced step, tests/test_memory.py): the (B, 1, T, T) mask, built once and passed to
-    every layer; given a mask, transformers repeats k and v to every query head (SDPA's
-    grouped-query path takes no mask), and each layer keeps the repeated copies. Through
-    position_ids transformers builds a bool mask, which SDPA turns into an additive copy inside
-    each layer and keeps for that layer's backward; ptlm's own mask ("mask") is additive already,
-    so no layer copies it. A measured profile (documents_activations) has the layers' part
-    already (a sliding-window layer, say, had its mask without documents too); the shared mask
-    is added here. Flash-attention's variable-length path needs none of this (not modelled:
-    plans assume SDPA)."""
-    if not job.documents or model.packing_mechanism is None:
-        return _PackingBytes(0, 0)
+def _mask_bytes(model: ModelFacts, s: Setting, job: Job) -> _MaskBytes:
+    """The attention masks a step keeps, and what packed documents add (measured on real
+    tensors and on ptlm's fake-traced step, tests/test_memory.py). Each mask is (B, 1, T, T),
+    additive in the activation dtype, built once per kind of attention layer and kept by every
+    layer of that kind for its backward: ptlm's own ("mask") and transformers' alike
+    (ptlm.model.masks: never the bool mask SDPA would copy in each layer). With packed
+    documents every kind needs one (model.attention_masks); as one stream only the windowed
+    kinds do (sliding-window, chunked: model.windowed_masks), full attention running SDPA's
+    causal kernels without a mask. Given a mask, transformers also repeats k and v to every
+    query head (SDPA's grouped-query path takes no mask), and each layer keeps the repeated
+    copies: a measured profile (documents_activations) has that part already. Flash-attention's
+    variable-length path needs none of this (not modelled: plans assume SDPA)."""
     a, b, t = _activation_bytes(s), s.micro_batch, job.seq_len
-    by_position_ids = model.packing_mechanism == "position_ids"
-    shared = b * t * t * (BOOL_BYTES if by_position_ids else a)
+    mask = b * t * t * a
+    if not job.documents or model.packing_mechanism is None:
+        return _MaskBytes(model.windowed_masks * mask, 0)
+    shared = model.attention_masks * mask
     if model.documents_activations is not None:
-        return _PackingBytes(shared, 0)
-    repeated_kv = (KV_TENSORS * b * t * max(model.heads - model.kv_heads, 0)
-                   * model.attention_head_dim * a)
-    per_layer = repeated_kv + (b * t * t * a if by_position_ids else 0)
+        return _MaskBytes(shared, 0)
+    per_layer = (KV_TENSORS * b * t * max(model.heads - model.kv_heads, 0)
+                 * model.attention_head_dim * a)
     if s.checkpointing:
-        return _PackingBytes(shared, per_layer)
-    return _PackingBytes(shared + model.layers * per_layer, 0)
+        return _MaskBytes(shared, per_layer)
+    return _MaskBytes(shared + model.layers * per_layer, 0)
 
 
 def loss_chunk_rows(model: ModelFacts, job: Job) -> int:
