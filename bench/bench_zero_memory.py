@@ -57,6 +57,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.common import run_bounded  # noqa: E402
+
 MiB = 2**20
 SETTINGS = {  # name -> (zero stage, offload)
     "z0": (0, "none"), "z1": (1, "none"), "z2": (2, "none"), "z3": (3, "none"),
@@ -83,8 +85,7 @@ def run_grid(settings: list[str], *, layers: int, hidden: int, vocab: int, seq: 
              timeout: float = GRID_TIMEOUT_S) -> list[dict]:
     """Launch 2 ranks on this file and return one result per (setting, rank). A launch that
     overruns `timeout` is killed with its ranks (subprocess.TimeoutExpired)."""
-    from bench.common import run_bounded
-    from ptlm.run.machine.distributed import free_port
+    from ptlm.run.machine.distributed import free_port  # imports torch: the driver needs none
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"

@@ -509,7 +509,7 @@ def child_packing(argv: list[str]) -> None:
     torch.backends.cudnn.allow_tf32 = False
     ds = PackedDataset(data, "train", packing="documents")
     pieces = block_pieces(data, "train", "documents")
-    busiest = sorted(range(len(pieces)), key=lambda b: -len(pieces[b]))[:PACKING_EXACT_BLOCKS]
+    busiest = busiest_blocks(pieces)
     out = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "seq_len": ds.seq_len,
            "micro_batch": micro, "precision": precision, "models": []}
     for spec in specs:
@@ -527,6 +527,11 @@ def child_packing(argv: list[str]) -> None:
         if cuda:
             torch.cuda.empty_cache()
     print(json.dumps(out))
+
+
+def busiest_blocks(pieces: list[list[tuple[int, int]]], n: int = PACKING_EXACT_BLOCKS) -> list[int]:
+    """The n blocks with the most document pieces (bench/matrix_reference.block_pieces)."""
+    return sorted(range(len(pieces)), key=lambda b: -len(pieces[b]))[:n]
 
 
 def _packing_exactness(model, ds, pieces, blocks, mechanism, dev) -> dict:
@@ -1599,6 +1604,10 @@ def render_md(rec: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _num_or_nan(x) -> float:
+    return float("nan") if x is None else x
+
+
 def _packing_md(pk: dict) -> list[str]:
     if not pk.get("models"):
         return []
@@ -1616,7 +1625,7 @@ def _packing_md(pk: dict) -> list[str]:
         d, st = c.get("documents", {}), c.get("stream", {})
         lines.append(f"| {m.get('model')} | {m.get('mechanism')}: {m.get('path')} | "
                      f"{e.get('max_dev', float('nan')):.1e} ({e.get('pieces')}) | "
-                     f"{e.get('grad_rel_dev') or float('nan'):.1e} | "
+                     f"{_num_or_nan(e.get('grad_rel_dev')):.1e} | "
                      f"{'PASS' if e.get('ok') else 'FAIL'} | "
                      f"{d.get('tokens_per_s', 0):,.0f} / {st.get('tokens_per_s', 0):,.0f} | "
                      f"{c.get('documents_over_stream', float('nan')):.2f} | "

@@ -15,6 +15,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import OPTForCausalLM
+
+from bench.matrix_reference import block_pieces
+from ptlm.data.reader import PackedDataset
+from tests.support import tiny_opt
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.py"
@@ -116,19 +122,12 @@ def test_the_headline_fails_on_a_broken_fp16_step(tmp_path):
 def test_the_packing_check_fails_on_a_model_that_attends_across_documents(demo_dataset):
     """OPT given position_ids only (its mask ignores them: every token attends to the documents
     packed before it) must fail the exactness check that OPT with ptlm's mask passes."""
-    import torch
-    from transformers import OPTForCausalLM
-
-    from bench.matrix_reference import block_pieces
-    from ptlm.data.reader import PackedDataset
-    from tests.support import tiny_opt
-
     gc = _module()
     torch.manual_seed(0)
     model = OPTForCausalLM(tiny_opt(dropout=0.0, attn_implementation="sdpa"))
     ds = PackedDataset(demo_dataset, "train", packing="documents")
     pieces = block_pieces(demo_dataset, "train", "documents")
-    blocks = sorted(range(len(pieces)), key=lambda b: -len(pieces[b]))[:2]
+    blocks = gc.busiest_blocks(pieces, 2)
     assert len(pieces[blocks[0]]) >= 2  # at least one document boundary to leak across
     cpu = torch.device("cpu")
     right = gc._packing_exactness(model, ds, pieces, blocks, "mask", cpu)

@@ -9,6 +9,7 @@ import transformers
 from torch.distributed._tools.mem_tracker import MemTracker
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from bench.matrix_reference import pieces_nll
 from ptlm.model.loss import causal_lm_loss
 from ptlm.model.masks import additive_sdpa_masks
 from ptlm.model.packing import choose_mechanism, labels_for, model_inputs, positions_of
@@ -27,14 +28,15 @@ def _llama():
     return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
 
 
-def _peak(step) -> tuple[int, torch.Tensor, list]:
-    """(peak bytes of forward+backward, loss, gradients), measured by MemTracker."""
+def _peak(model, step) -> tuple[int, torch.Tensor, list]:
+    """(peak bytes of step()'s forward+backward, loss, gradients), measured by MemTracker."""
+    model.zero_grad(set_to_none=True)
     tracker = MemTracker()
     with tracker:
         loss = step()
         loss.backward()
     peak = next(iter(tracker.get_tracker_snapshot("peak").values()))["Total"]
-    return peak, loss.detach(), [p.grad.clone() for p in step.model.parameters()]
+    return peak, loss.detach(), [p.grad.clone() for p in model.parameters()]
 
 
 def test_packed_blocks_keep_one_mask_not_one_per_layer():
@@ -53,10 +55,8 @@ def test_packed_blocks_keep_one_mask_not_one_per_layer():
         return causal_lm_loss(model, ids, labels, chunked=False,
                               packed=model_inputs(model, positions, "position_ids"))
 
-    plain.model = ptlm.model = model
-    plain_peak, plain_loss, plain_grads = _peak(plain)
-    model.zero_grad(set_to_none=True)
-    ours_peak, ours_loss, ours_grads = _peak(ptlm)
+    plain_peak, plain_loss, plain_grads = _peak(model, plain)
+    ours_peak, ours_loss, ours_grads = _peak(model, ptlm)
     assert ours_loss.item() == pytest.approx(plain_loss.item(), rel=1e-6)
     for g, r in zip(ours_grads, plain_grads):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
@@ -87,18 +87,10 @@ def test_sliding_windows_inside_packed_blocks_are_transformers_own():
         return causal_lm_loss(m, ids, labels_for(ids, positions), chunked=False,
                               packed=model_inputs(m, positions, "position_ids")).item()
 
-    def alone(m):
-        total, count, start = 0.0, 0, 0
-        for n in lengths:
-            piece = ids[:, start:start + n]
-            start += n
-            if n > 1:
-                total += m(input_ids=piece, labels=piece, use_cache=False).loss.item() * (n - 1)
-                count += n - 1
-        return total / count
-
+    ends = torch.tensor(lengths).cumsum(0).tolist()
     with torch.no_grad():
-        assert packed(model) == pytest.approx(alone(model), rel=1e-5)
+        total, count = pieces_nll(model, ids[0], list(zip([0, *ends[:-1]], ends)))
+        assert packed(model) == pytest.approx(total.item() / count, rel=1e-5)
         assert abs(packed(model) - packed(full)) > 1e-3
 
 
